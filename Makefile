@@ -1,0 +1,28 @@
+# The two entry points of the README. Each sets up .venv on first use and is quick afterwards.
+# TORCH_SPEC pins the build this machine carries on disk (a CUDA build that runs on the CPU);
+# pyproject itself only asks for torch>=2.4. Override it elsewhere, e.g. make test TORCH_SPEC="torch torchvision".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cpubone-installed
+
+.PHONY: bench test setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/cpubone bench $(ARGS)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV)

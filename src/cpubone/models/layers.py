@@ -1,0 +1,262 @@
+"""Building blocks of CPUBone.
+
+The paper's point is that on a CPU latency is about MACs / MACpS: depthwise convs do little work but
+run at poor MACpS, full convs run fast but do too much work. The blocks below are the paper's answer:
+grouped (groups=2) expansion convs in fused and unfused MBConvs (``GrFuMBConv``, ``GrMBConv``), 2x2
+kernels in the late stages, and a cheap attention (``Lowtention``) that works on a strided,
+depthwise-projected map and restores the size with nearest-neighbour upsampling.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, GroupNorm1, Mlp
+
+__all__ = [
+    "ConvNormAct",
+    "MBConv",
+    "FusedMBConv",
+    "GrMBConv",
+    "GrFuMBConv",
+    "Lowtention",
+    "lowtention_heads",
+]
+
+LayerFn = Optional[Callable[..., nn.Module]]
+
+
+def _same_padding(kernel_size: int, stride: int) -> tuple[int, tuple[int, int, int, int] | None]:
+    """Symmetric conv padding plus an optional explicit (left, right, top, bottom) zero pad.
+
+    Odd kernels pad k // 2 on every side. A 2x2 kernel tiles the map exactly at stride 2 (no pad) and
+    at stride 1 keeps the size with an asymmetric pad of 1 on the left/top and 0 on the right/bottom,
+    which is how the released checkpoints were trained.
+    """
+    if kernel_size % 2 == 1:
+        return kernel_size // 2, None
+    if kernel_size == 2:
+        return 0, (None if stride == 2 else (1, 0, 1, 0))
+    raise ValueError(f"kernel_size={kernel_size}: only odd kernels and 2x2 are supported")
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d -> optional norm -> optional activation, with "same" padding for 2x2 kernels.
+
+    Args:
+        in_chs / out_chs: channels.
+        kernel_size: odd, or 2 (asymmetric left/top pad at stride 1, exact tiling at stride 2).
+        stride: conv stride.
+        groups: conv groups (``groups=in_chs`` is a depthwise conv).
+        bias: conv bias (the released unfused local blocks use biases instead of norms).
+        norm_layer: norm applied after the conv, or None.
+        act_layer: activation applied last, or None.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        norm_layer: LayerFn = nn.BatchNorm2d,
+        act_layer: LayerFn = nn.Hardswish,
+    ) -> None:
+        super().__init__()
+        padding, pad = _same_padding(kernel_size, stride)
+        # Kept as a tuple, not a module: the reparameterized form folds it into the conv's padding.
+        self.pad = pad
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias)
+        self.norm = norm_layer(out_chs) if norm_layer is not None else nn.Identity()
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return self.act(self.norm(self.conv(x)))
+
+    def extra_repr(self) -> str:
+        return f"pad={self.pad}" if self.pad is not None else ""
+
+
+class FusedMBConv(nn.Module):
+    """Fused MBConv: k x k expansion conv (grouped by ``expand_groups``) -> 1x1 projection.
+
+    The residual is added when the block keeps shape (stride 1, in == out) unless ``skip=False``.
+
+    Args:
+        in_chs / out_chs: channels.
+        kernel_size: expansion conv kernel (3 in stages 1-2 and downsampling blocks, 2 in the local
+            branch of the attention stages).
+        stride: expansion conv stride.
+        expand_ratio: hidden width = round(in_chs * expand_ratio).
+        expand_groups: groups of the expansion conv (2 in every released model: "GrFuMBConv").
+        expand_bias: bias on the expansion conv (the released attention-stage local blocks have one).
+        drop_path: stochastic depth rate on the residual branch.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        expand_ratio: float = 4.0,
+        expand_groups: int = 1,
+        expand_bias: bool = False,
+        skip: bool = True,
+        drop_path: float = 0.0,
+        norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+        act_layer: Type[nn.Module] = nn.Hardswish,
+    ) -> None:
+        super().__init__()
+        mid_chs = round(in_chs * expand_ratio)
+        self.has_skip = skip and stride == 1 and in_chs == out_chs
+        self.conv_exp = ConvNormAct(
+            in_chs, mid_chs, kernel_size, stride, groups=expand_groups, bias=expand_bias,
+            norm_layer=norm_layer, act_layer=act_layer,
+        )
+        self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1, norm_layer=norm_layer, act_layer=None)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 and self.has_skip else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv_pwl(self.conv_exp(x))
+        return x + self.drop_path(out) if self.has_skip else out
+
+
+class MBConv(nn.Module):
+    """MBConv: 1x1 expansion (grouped by ``expand_groups``) -> depthwise k x k -> 1x1 projection.
+
+    Follows the released unfused local block: the expansion and depthwise convs carry a bias and an
+    activation but no norm (``norm_hidden=False``); only the projection is batch-normalized.
+
+    Args:
+        in_chs / out_chs: channels.
+        kernel_size: depthwise kernel (2 in the released models).
+        stride: depthwise stride.
+        expand_ratio: hidden width = round(in_chs * expand_ratio).
+        expand_groups: groups of the expansion conv (2 in every released model: "GrMBConv").
+        norm_hidden: BatchNorm (instead of a bias) after the expansion and depthwise convs.
+        drop_path: stochastic depth rate on the residual branch.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        expand_ratio: float = 4.0,
+        expand_groups: int = 1,
+        norm_hidden: bool = False,
+        skip: bool = True,
+        drop_path: float = 0.0,
+        norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+        act_layer: Type[nn.Module] = nn.Hardswish,
+    ) -> None:
+        super().__init__()
+        mid_chs = round(in_chs * expand_ratio)
+        hidden_norm = norm_layer if norm_hidden else None
+        self.has_skip = skip and stride == 1 and in_chs == out_chs
+        self.conv_pw = ConvNormAct(
+            in_chs, mid_chs, 1, groups=expand_groups, bias=not norm_hidden,
+            norm_layer=hidden_norm, act_layer=act_layer,
+        )
+        self.conv_dw = ConvNormAct(
+            mid_chs, mid_chs, kernel_size, stride, groups=mid_chs, bias=not norm_hidden,
+            norm_layer=hidden_norm, act_layer=act_layer,
+        )
+        self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1, norm_layer=norm_layer, act_layer=None)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 and self.has_skip else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv_pwl(self.conv_dw(self.conv_pw(x)))
+        return x + self.drop_path(out) if self.has_skip else out
+
+
+class GrFuMBConv(FusedMBConv):
+    """Grouped fused MBConv: a ``FusedMBConv`` with groups=2 on the expansion conv.
+
+    With k x k kernels it has 0.55x the MACs of a FusedMBConv of expand ratio 4 at any width (the
+    expansion conv's MACs halve, the projection's do not), at nearly the same MACpS on a CPU.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, **kwargs) -> None:
+        kwargs.setdefault("expand_groups", 2)
+        super().__init__(in_chs, out_chs, **kwargs)
+
+
+class GrMBConv(MBConv):
+    """Grouped MBConv: an ``MBConv`` with groups=2 on the 1x1 expansion conv (about 0.75x the MACs)."""
+
+    def __init__(self, in_chs: int, out_chs: int, **kwargs) -> None:
+        kwargs.setdefault("expand_groups", 2)
+        super().__init__(in_chs, out_chs, **kwargs)
+
+
+def lowtention_heads(dim: int, head_dim_ratio: float = 0.5) -> tuple[int, int]:
+    """Head count and head width of the released models: about 30 channels of ``dim * ratio`` a head."""
+    num_heads = max(1, int(dim * head_dim_ratio) // 30)
+    head_dim = int((dim // num_heads) * head_dim_ratio)
+    return num_heads, head_dim
+
+
+class Lowtention(nn.Module):
+    """LowFormer-style attention on a down-projected map, restored by nearest-neighbour upsampling.
+
+    depthwise k x k conv (stride ``stride``) + BN -> 1x1 to q, k, v for ``num_heads`` heads ->
+    softmax(q k^T / sqrt(d)) v per head -> 1x1 (bias) back to ``dim`` -> nearest upsample by
+    ``stride`` -> crop to the input size.
+
+    Nearest upsampling instead of the original transposed conv is one of the paper's latency wins
+    (B1 on a Raspberry Pi 5: 33.5 ms vs 39.7 ms).
+
+    Args:
+        dim: channels in and out.
+        stride: projection stride (2 in stage 3, 1 in stage 4 of the released models).
+        kernel_size: projection kernel (2 in the released models).
+        num_heads / head_dim: defaults follow ``lowtention_heads(dim)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        stride: int = 2,
+        kernel_size: int = 2,
+        num_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        default_heads, default_head_dim = lowtention_heads(dim)
+        self.num_heads = num_heads or default_heads
+        self.head_dim = head_dim or default_head_dim
+        self.stride = stride
+        inner = self.num_heads * self.head_dim
+        self.proj = ConvNormAct(dim, dim, kernel_size, stride, groups=dim, norm_layer=norm_layer, act_layer=None)
+        self.qkv = nn.Conv2d(dim, 3 * inner, 1, bias=False)
+        self.out = nn.Conv2d(inner, dim, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        s = self.stride
+        if s > 1 and (H % s or W % s):
+            # A strided 2x2 projection floors odd sizes and the upsample could not cover the input
+            # again (the original code crashes there); zero-pad right/bottom to a multiple instead.
+            x = F.pad(x, (0, (-W) % s, 0, (-H) % s))
+        x = self.qkv(self.proj(x))
+        B, _, h, w = x.shape
+        # Channel layout per head: [q | k | v], head-major (matches the released checkpoints).
+        qkv = x.reshape(B, self.num_heads, 3 * self.head_dim, h * w).transpose(-1, -2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = o.transpose(-1, -2).reshape(B, self.num_heads * self.head_dim, h, w)
+        o = self.out(o)
+        if s > 1:
+            o = F.interpolate(o, scale_factor=float(s), mode="nearest")
+            o = o[..., :H, :W]
+        return o
