@@ -1,0 +1,1 @@
+"""Deployment: inference form, ONNX export, int8, the torch-free predictor."""
