@@ -69,7 +69,7 @@ def _profile(args: argparse.Namespace) -> int:
     print_table(res.ops, title="by op type")
     print(f"measured latency (harness, median): {res.measured_ms:.2f} ms; sum of profiled block times: "
           f"{res.profiled_ms:.2f} ms")
-    print(f"predicted latency = sum MACs / MACpS: {res.predicted_ms:.2f} ms (per-block MACpS); "
+    print(f"predicted latency = sum MACs / MACpS: {res.predicted_ms:.2f} ms (blocks that do MACs, own MACpS); "
           f"{res.floor_ms:.2f} ms at the GEMM peak of {res.peak_gmacps:.1f} GMAC/s")
     print("written: " + ", ".join(res.files.values()))
     return 0
