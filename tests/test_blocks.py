@@ -65,10 +65,12 @@ def test_design_rules_from_records():
                      _rec("unfused", w, k, 1, un * scale, 800), _rec("unfused", w, k, 2, un * scale * 0.95, 600),
                      _rec("dw", w, k, 1, 5.0 * (1.5 if k == 2 else 1.0), 10)]
     out = design_rules(recs)
-    assert [p["preferred"] for p in out["preferred"]] == ["GrFuMBConv", "GrFuMBConv", "GrMBConv", "GrMBConv"]
+    k2 = [p for p in out["preferred"] if p["kernel"] == 2]
+    assert [p["preferred"] for p in k2] == ["GrFuMBConv", "GrFuMBConv", "GrMBConv", "GrMBConv"]
+    assert k2[0]["macps_ratio"] == pytest.approx(2.0) and k2[2]["latency_ratio"] == pytest.approx((1100 / (50 * 1.1)) / (600 / (55 * 1.1 * 0.95)))
     rules = {r["rule"]: r["measured"] for r in out["rules"]}
-    assert rules["fused/unfused crossover"] == "256 channels"
-    assert rules["channels 64-128 (k2)"].startswith("GrFuMBConv") and rules["channels 256-512 (k2)"].startswith("GrMBConv")
+    assert rules["fused/unfused crossover (2x2)"] == "256 channels"
+    assert rules["channels 64-128 (2x2)"].startswith("GrFuMBConv") and rules["channels 256-512 (2x2)"].startswith("GrMBConv")
     assert rules["MACpS gain of 2x2 over 3x3, DWConv"] == "+50%"
     assert rules["MACpS gain of 2x2 over 3x3, GrFuMBConv"] == "+10%"
     assert rules["groups=2 vs 1, FuMBConv k3"].startswith("0.55x MACs, MACpS +0%")
@@ -80,7 +82,7 @@ def test_tiny_sweep_runs(tmp_path):
     res = run_block_sweep(widths=[32, 64], groups=(1, 2), runs=2, warmup=0, out_dir=tmp_path, progress=False)
     assert len(res.records) == 2 * 2 * (2 + 2 + 1)
     assert all(r["gmacps"] > 0 and r["macs"] > 0 for r in res.records)
-    assert len(res.preferred) == 2 and any(r["rule"] == "fused/unfused crossover" for r in res.rules)
+    assert len(res.preferred) == 2 * 2 and any(r["rule"].startswith("fused/unfused crossover") for r in res.rules)
     with open(tmp_path / "blocks.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(res.records) and rows[0]["variant"]

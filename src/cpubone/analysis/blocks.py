@@ -148,42 +148,48 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:+.0f}%"
 
 
-def design_rules(records: Sequence[dict], kernel: int = 2) -> Dict[str, List[dict]]:
+def design_rules(records: Sequence[dict], kernels: Sequence[int] = KERNELS) -> Dict[str, List[dict]]:
     """The paper's rule table from sweep records.
 
-    Returns ``preferred`` (per width: GrFuMBConv vs GrMBConv MACpS at ``kernel``, the higher preferred, as
-    the paper decides) and ``rules`` (channel ranges, fused/unfused crossover, 2x2 vs 3x3 MACpS gain, the
-    effect of groups; each with the paper's value beside it).
+    Returns ``preferred`` (per kernel and width: GrFuMBConv vs GrMBConv MACpS, the higher one preferred,
+    the paper's criterion) and ``rules`` (channel ranges per kernel, the fused/unfused crossover, the
+    2x2 vs 3x3 MACpS gain, the effect of groups; each with the paper's value beside it).
     """
     widths = sorted({r["width"] for r in records})
-    preferred = []
-    for w in widths:
-        f = _find(records, family="fused", groups=2, kernel=kernel, width=w)
-        u = _find(records, family="unfused", groups=2, kernel=kernel, width=w)
-        if not (f and u):
-            continue
-        preferred.append(dict(
-            width=w, resolution=f"{f['resolution']}x{f['resolution']}", fused_gmacps=f["gmacps"],
-            unfused_gmacps=u["gmacps"], macps_ratio=f["gmacps"] / u["gmacps"], latency_ratio=f["median_ms"] / u["median_ms"],
-            preferred="GrFuMBConv" if f["gmacps"] >= u["gmacps"] else "GrMBConv"))
+    preferred: List[dict] = []
     rules: List[dict] = []
-    # channel ranges with one preferred block
-    i = 0
-    while i < len(preferred):
-        j = i
-        while j + 1 < len(preferred) and preferred[j + 1]["preferred"] == preferred[i]["preferred"]:
-            j += 1
-        lo, hi = preferred[i]["width"], preferred[j]["width"]
-        gain = statistics.median(p["macps_ratio"] for p in preferred[i:j + 1])
-        rules.append(dict(rule=f"channels {lo}-{hi} (k{kernel})", measured=f"{preferred[i]['preferred']} "
-                          f"(fused/unfused MACpS x{gain:.2f})",
-                          paper=_paper_range(lo, hi)))
-        i = j + 1
-    cross = next((p["width"] for k, p in enumerate(preferred)
-                  if all(q["preferred"] == "GrMBConv" for q in preferred[k:])), None)
-    rules.append(dict(rule="fused/unfused crossover", paper=PAPER["crossover"],
-                      measured=f"{cross} channels" if cross else
-                      f"none up to {widths[-1]} (fused keeps the higher MACpS)" if preferred else "-"))
+    for kernel in kernels:
+        pref = []
+        for w in widths:
+            f = _find(records, family="fused", groups=2, kernel=kernel, width=w)
+            u = _find(records, family="unfused", groups=2, kernel=kernel, width=w)
+            if not (f and u):
+                continue
+            pref.append(dict(
+                kernel=kernel, width=w, resolution=f"{f['resolution']}x{f['resolution']}", fused_gmacps=f["gmacps"],
+                unfused_gmacps=u["gmacps"], macps_ratio=f["gmacps"] / u["gmacps"],
+                latency_ratio=f["median_ms"] / u["median_ms"],
+                preferred="GrFuMBConv" if f["gmacps"] >= u["gmacps"] else "GrMBConv"))
+        if not pref:
+            continue
+        preferred += pref
+        # channel ranges with one preferred block
+        i = 0
+        while i < len(pref):
+            j = i
+            while j + 1 < len(pref) and pref[j + 1]["preferred"] == pref[i]["preferred"]:
+                j += 1
+            lo, hi = pref[i]["width"], pref[j]["width"]
+            gain = statistics.median(p["macps_ratio"] for p in pref[i:j + 1])
+            rules.append(dict(rule=f"channels {lo}-{hi} ({kernel}x{kernel})",
+                              measured=f"{pref[i]['preferred']} (fused/unfused MACpS x{gain:.2f})",
+                              paper=_paper_range(lo, hi)))
+            i = j + 1
+        cross = next((p["width"] for k, p in enumerate(pref) if all(q["preferred"] == "GrMBConv" for q in pref[k:])),
+                     None)
+        rules.append(dict(rule=f"fused/unfused crossover ({kernel}x{kernel})", paper=PAPER["crossover"],
+                          measured=f"{cross} channels" if cross else
+                          f"none up to {pref[-1]['width']} (fused keeps the higher MACpS)"))
     for variant in ("DWConv", "FuMBConv", "GrFuMBConv", "MBConv", "GrMBConv"):
         ratios = []
         for w in widths:
@@ -290,7 +296,7 @@ def _write(res: BlockSweepResult, out_dir: Path) -> Dict[str, str]:
           f"- engine {res.engine}, {res.threads} thread(s), batch 1, fp32; width w at the spatial size it has in "
           "the network (32: 56x56, 48-64: 28x28, 96-128: 14x14, 192+: 7x7); expand ratio 4", "",
           "## Design rules on this machine", "", markdown_table(res.rules),
-          "## Fused vs unfused (groups 2, 2x2) per width", "", markdown_table(res.preferred),
+          "## Fused vs unfused (groups 2) per kernel and width", "", markdown_table(res.preferred),
           "## All measurements", "", markdown_table(res.records), "![MACpS by block](blocks.png)", ""]
     path = out_dir / "blocks.md"
     path.write_text("\n".join(md), encoding="utf-8")

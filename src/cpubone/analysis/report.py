@@ -182,7 +182,7 @@ def plot_profile(kinds: Sequence[Dict[str, Any]], path: Path, title: str, peak_g
 
 
 def plot_blocks(records: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
-    """MACpS vs channel width per block variant: kernel 2 solid, kernel 3 dashed; left groups<=2, right groups."""
+    """MACpS vs channel width: left, each block variant (2x2 solid, 3x3 dashed); right, groups 1/2/4/8 (3x3)."""
     plt = _pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {"FuMBConv": "tab:blue", "GrFuMBConv": "tab:orange", "MBConv": "tab:green", "GrMBConv": "tab:red",
@@ -192,14 +192,14 @@ def plot_blocks(records: Sequence[Dict[str, Any]], path: Path, title: str) -> Pa
         if sel:
             a1.plot([r["width"] for r in sel], [r["gmacps"] for r in sel], style, marker="o", ms=3,
                     color=colors[variant], label=f"{variant} k{k}")
-    for fam, marker in (("fused", "o"), ("unfused", "s")):
-        groups = sorted({r["groups"] for r in records if r["family"] == fam})
-        for g in groups:
+    group_colors = dict(zip((1, 2, 4, 8), ("tab:blue", "tab:orange", "tab:purple", "tab:brown")))
+    for fam, marker, style in (("fused", "o", "-"), ("unfused", "s", ":")):
+        for g in sorted({r["groups"] for r in records if r["family"] == fam}):
             sel = sorted((r for r in records if r["family"] == fam and r["groups"] == g and r["kernel"] == 3),
                          key=lambda r: r["width"])
             if sel:
-                a2.plot([r["width"] for r in sel], [r["gmacps"] for r in sel], "-" if fam == "fused" else ":",
-                        marker=marker, ms=3, label=f"{fam} k3 groups={g}")
+                a2.plot([r["width"] for r in sel], [r["gmacps"] for r in sel], style, marker=marker, ms=3,
+                        color=group_colors.get(g), label=f"{fam} k3 groups={g}")
     for ax, t in ((a1, "MACpS by block (solid: 2x2, dashed: 3x3)"), (a2, "effect of expansion-conv groups (3x3)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("channels (spatial size as in the network)")

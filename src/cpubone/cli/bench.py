@@ -82,7 +82,7 @@ def _blocks(args: argparse.Namespace) -> int:
     res = run_block_sweep(widths=args.widths, quick=args.quick, engine=args.engine, threads=args.threads,
                           runs=args.runs, warmup=args.warmup, out_dir=args.out, progress=not args.no_progress)
     print(res.machine_header)
-    print_table(res.preferred, title="fused vs unfused (groups 2) per width: the higher MACpS is preferred")
+    print_table(res.preferred, title="fused vs unfused (groups 2) per kernel and width: the higher MACpS is preferred")
     print_table(res.rules, title="design rules measured on this machine")
     print("written: " + ", ".join(res.files.values()))
     return 0
