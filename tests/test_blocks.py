@@ -67,7 +67,7 @@ def test_design_rules_from_records():
     out = design_rules(recs)
     k2 = [p for p in out["preferred"] if p["kernel"] == 2]
     assert [p["preferred"] for p in k2] == ["GrFuMBConv", "GrFuMBConv", "GrMBConv", "GrMBConv"]
-    assert k2[0]["macps_ratio"] == pytest.approx(2.0) and k2[2]["latency_ratio"] == pytest.approx((1100 / (50 * 1.1)) / (600 / (55 * 1.1 * 0.95)))
+    assert k2[0]["macps_ratio"] == pytest.approx(60 / (30 * 0.95)) and k2[2]["latency_ratio"] == pytest.approx((1100 / (50 * 1.1)) / (600 / (55 * 1.1 * 0.95)))
     rules = {r["rule"]: r["measured"] for r in out["rules"]}
     assert rules["fused/unfused crossover (2x2)"] == "256 channels"
     assert rules["channels 64-128 (2x2)"].startswith("GrFuMBConv") and rules["channels 256-512 (2x2)"].startswith("GrMBConv")
