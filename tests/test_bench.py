@@ -9,8 +9,8 @@ from PIL import Image
 
 from cpubone import create_model
 from cpubone.analysis import bench
-from cpubone.analysis.latency import LatencyResult, ort_session
-from cpubone.analysis.machine import gemm_peak, isa_features, machine_info
+from cpubone.analysis.latency import LatencyResult, ort_session, summarize_times, time_callable
+from cpubone.analysis.machine import isa_features, machine_info
 from cpubone.analysis.macs import count_macs, count_params
 from cpubone.analysis.report import pareto_front
 from cpubone.cli import main
@@ -26,6 +26,17 @@ def test_macps_arithmetic():
     lat = LatencyResult(median_ms=10.0, p10_ms=9.0, p90_ms=11.0, mean_ms=10.0, min_ms=9.0, runs=5, warmup=1,
                         threads=1, engine="x")
     assert lat.macps(500_000_000) == pytest.approx(50.0)  # 0.5 GMAC in 10 ms
+
+
+def test_interleaved_times_are_summarized_like_one_run():
+    calls = []
+    times = []
+    time_callable(lambda: calls.append(1), runs=4, warmup=2, times=times)
+    time_callable(lambda: calls.append(1), runs=3, warmup=0, times=times)
+    assert len(calls) == 9 and len(times) == 7
+    res = summarize_times([1.0, 2.0, 3.0, 4.0, 10.0], warmup=1, threads=2, engine="x")
+    assert (res.median_ms, res.min_ms, res.mean_ms, res.runs) == (3.0, 1.0, 4.0, 5)
+    assert res.p10_ms == pytest.approx(1.4) and res.p90_ms == pytest.approx(7.6)
 
 
 def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
@@ -95,7 +106,10 @@ def test_bench_rows_and_reports(tmp_path):
     assert nano.p10_ms <= nano.median_ms <= nano.p90_ms
     assert nano.gmacps == pytest.approx(nano.macs / (nano.median_ms * 1e-3) / 1e9)
     assert nano.peak_pct == pytest.approx(100 * nano.gmacps / res.peak.gmacps)
-    assert res.peak is gemm_peak("onnxruntime", 1) and res.peak.threads == 1
+    assert "MatMul 512x512x512" in res.peak.method and res.peak.threads == 1
+    assert res.peak.gmacps == pytest.approx(512 ** 3 / (res.peak.latency.median_ms * 1e-3) / 1e9)
+    # 3 runs in (at most) 3 interleaved rounds: every timed call is in the statistics
+    assert nano.latency.runs == 3 and res.rounds == 3
     assert nano.family == "CPUBone" and res.rows[1].family == "peer" and nano.top1 == 72.67
 
     with open(out / "bench.csv", newline="") as f:

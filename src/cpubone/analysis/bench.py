@@ -18,13 +18,13 @@ import torch
 import torch.nn as nn
 
 from ..models import VARIANTS, create_model, is_cpubone
-from .latency import LatencyResult, measure_eager, measure_onnx
-from .machine import GemmPeak, MachineInfo, gemm_peak, machine_info
+from .latency import LatencyResult, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
+from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info
 from .macs import count_macs, count_params
 
 __all__ = [
     "DEFAULT_MODELS", "PEER_TOP1", "ENGINES", "BenchRow", "BenchResult", "published_top1", "cache_dir",
-    "build_model", "onnx_export", "check_args", "bench_model", "run_bench",
+    "build_model", "onnx_export", "check_args", "run_bench",
 ]
 
 DEFAULT_MODELS: Tuple[str, ...] = (
@@ -175,38 +175,39 @@ class BenchResult:
     warmup: int
     channels_last: bool
     peak: GemmPeak
+    rounds: int
     rows: List[BenchRow]
     files: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(
             machine=self.machine.to_dict(), engine=self.engine, threads=self.threads, batch_size=1,
-            size=self.size, runs=self.runs, warmup=self.warmup, channels_last=self.channels_last,
+            size=self.size, runs=self.runs, warmup=self.warmup, rounds=self.rounds, channels_last=self.channels_last,
             gemm_peak=self.peak.to_dict(), rows=[r.to_dict() for r in self.rows],
         )
 
 
-def bench_model(name: str, engine: str = "onnxruntime", threads: int = 1, size: int = 224, runs: int = 50,
-                warmup: int = 10, channels_last: bool = False, peak: Optional[GemmPeak] = None) -> BenchRow:
-    """Params, MACs, batch-1 latency and MACpS of one model."""
+@dataclass
+class _Entry:
+    """A model prepared for timing: its figures and a zero-argument call of its engine."""
+
+    name: str
+    params: int
+    macs: int
+    deployed: bool
+    fn: object
+    times: List[float] = field(default_factory=list)
+
+
+def _prepare(name: str, engine: str, threads: int, size: int, channels_last: bool) -> _Entry:
     model, deployed = build_model(name)
     macs = count_macs(model, size).total
     shape = (1, getattr(model, "in_chans", 3), size, size)
     if engine == "onnxruntime":
-        lat = measure_onnx(onnx_export(name, model, size), shape, threads=threads, runs=runs, warmup=warmup)
-    elif engine == "eager":
-        lat = measure_eager(model, shape, threads=threads, runs=runs, warmup=warmup, channels_last=channels_last)
+        fn = onnx_runner(onnx_export(name, model, size), shape, threads)
     else:
-        raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
-    peak = peak or gemm_peak(engine, threads)
-    gmacps = lat.macps(macs)
-    top1, source = published_top1(name)
-    return BenchRow(
-        model=name, family="CPUBone" if is_cpubone(name) and not name.startswith("timm/") else "peer",
-        params=count_params(model), macs=macs, median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms,
-        gmacps=gmacps, peak_pct=100.0 * gmacps / peak.gmacps, top1=top1, top1_source=source,
-        deploy_form=deployed, latency=lat,
-    )
+        fn = eager_runner(model, shape, channels_last)
+    return _Entry(name, count_params(model), macs, deployed, fn)
 
 
 def run_bench(
@@ -217,18 +218,25 @@ def run_bench(
     runs: int = 50,
     warmup: int = 10,
     channels_last: bool = False,
+    rounds: int = 5,
     out_dir: Optional[os.PathLike] = "cpubone-bench",
     progress: bool = True,
 ) -> BenchResult:
     """Benchmark ``models`` at batch 1 and write CSV, JSON, Markdown and a top-1 vs latency plot.
+
+    All models (and the GEMM peak) are prepared first, then timed in ``rounds`` interleaved rounds of
+    about ``runs / rounds`` calls each, so a burst of load from elsewhere on the machine hits every model
+    alike and the ratios between them stay meaningful.
 
     Args:
         models: CPUBone variants and/or timm model names.
         engine: 'onnxruntime' (the paper's CPU path) or 'eager' (PyTorch, ``torch.inference_mode``).
         threads: intra-op threads, pinned for the models and for the GEMM peak.
         size: input side S (S x S), at least 32.
-        runs / warmup: timed and untimed calls per model.
+        runs / warmup: timed calls per model, and untimed calls before its first round (2 before each
+            later round, to bring its weights back into cache).
         channels_last: eager only, run in channels_last memory format.
+        rounds: interleaved rounds (1: each model timed in one go).
         out_dir: where the report files go (None: write nothing).
         progress: show a progress bar on the terminal.
     """
@@ -236,17 +244,39 @@ def run_bench(
     check_args(models, engine, threads, size, runs, warmup)
     if channels_last and engine != "eager":
         raise ValueError("--channels-last applies to the eager engine only (ONNX Runtime picks its own layout)")
-    eng = "eager" if engine == "eager" else "onnxruntime"
-    rows: List[BenchRow] = []
-    with _progress(progress, len(models) + 1) as step:
-        step("GEMM peak")
-        peak = gemm_peak(eng, threads)
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: need at least 1 round")
+    rounds = min(rounds, runs)
+    chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
+    entries: List[_Entry] = []
+    with _progress(progress, len(models) + rounds) as step:
+        peak_fn, peak_method = gemm_runner(engine, threads, GEMM_N)
+        peak = _Entry("GEMM peak", 0, GEMM_N ** 3, False, peak_fn)
         for name in models:
-            step(name)
-            rows.append(bench_model(name, engine, threads, size, runs, warmup, channels_last, peak))
+            step(f"prepare {name}")
+            entries.append(_prepare(name, engine, threads, size, channels_last))
+        with torch_threads(threads), torch.inference_mode():
+            for r, chunk in enumerate(chunks):
+                step(f"timing round {r + 1}/{rounds}")
+                for e in [peak] + entries:
+                    time_callable(e.fn, chunk, warmup if r == 0 else min(warmup, 2), threads, engine, times=e.times)
         step(None)
-    result = BenchResult(machine_info(), eng + ("-cl" if channels_last else ""), threads, size, runs, warmup,
-                         channels_last, peak, rows)
+    eng = engine + ("-cl" if channels_last else "")
+    peak_lat = summarize_times(peak.times, warmup, threads, engine)
+    gemm = GemmPeak(engine=engine, method=peak_method, threads=threads, gmacps=peak_lat.macps(peak.macs),
+                    latency=peak_lat)
+    rows = []
+    for e in entries:
+        lat = summarize_times(e.times, warmup, threads, eng)
+        gmacps = lat.macps(e.macs)
+        top1, source = published_top1(e.name)
+        rows.append(BenchRow(
+            model=e.name, family="CPUBone" if is_cpubone(e.name) and not e.name.startswith("timm/") else "peer",
+            params=e.params, macs=e.macs, median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms,
+            gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps, top1=top1, top1_source=source,
+            deploy_form=e.deployed, latency=lat,
+        ))
+    result = BenchResult(machine_info(), eng, threads, size, runs, warmup, channels_last, gemm, rounds, rows)
     if out_dir is not None:
         from .report import write_bench_report
 

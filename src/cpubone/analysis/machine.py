@@ -14,11 +14,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .latency import LatencyResult, ort_session, time_callable, torch_threads
 
-__all__ = ["MachineInfo", "GemmPeak", "machine_info", "isa_features", "gemm_peak", "GEMM_N"]
+__all__ = ["MachineInfo", "GemmPeak", "machine_info", "isa_features", "gemm_runner", "gemm_peak", "GEMM_N"]
 
 # 512x512x512: large enough for the kernel's steady state, small enough to stay cache-resident
 # (the regime of the convs of a small backbone at batch 1).
@@ -155,34 +155,45 @@ def _ort_matmul_file(path: Path, n: int) -> None:
     onnx.save(model, str(path))
 
 
-@lru_cache(maxsize=None)
-def gemm_peak(engine: str = "onnxruntime", threads: int = 1, n: int = GEMM_N, runs: int = 30,
-              warmup: int = 5) -> GemmPeak:
-    """Measure fp32 ``n x n x n`` matrix multiply throughput in ``engine`` at ``threads`` threads.
+def gemm_runner(engine: str = "onnxruntime", threads: int = 1, n: int = GEMM_N) -> Tuple[Callable[[], object], str]:
+    """A zero-argument fp32 ``n x n x n`` matmul in ``engine`` and a line naming it.
 
-    ONNX Runtime: a one-node ``MatMul`` graph (weights as an initializer, like a conv's); eager: a
-    ``torch.matmul`` of two ``n x n`` tensors. The same engine and thread count as the model it is
-    compared with, so the "% of peak" of a model is like for like.
+    ONNX Runtime: a one-node ``MatMul`` graph (weights as an initializer, like a conv's) in a session
+    with ``threads`` intra-op threads; eager: ``torch.matmul`` of two ``n x n`` tensors (call it inside
+    ``torch_threads(threads)``).
     """
     import numpy as np
 
-    macs = n ** 3
     if engine == "onnxruntime":
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "matmul.onnx"
             _ort_matmul_file(path, n)
             sess = ort_session(path, threads)
         feed = {"A": np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)}
-        lat = time_callable(lambda: sess.run(None, feed), runs, warmup, threads, "onnxruntime")
-        method = f"ONNX Runtime MatMul {n}x{n}x{n} fp32"
-    elif engine.startswith("eager"):
+        return (lambda: sess.run(None, feed)), f"ONNX Runtime MatMul {n}x{n}x{n} fp32"
+    if engine.startswith("eager"):
         import torch
 
         g = torch.Generator().manual_seed(0)
         a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-        with torch_threads(threads), torch.inference_mode():
-            lat = time_callable(lambda: torch.matmul(a, b), runs, warmup, threads, "eager")
-        method = f"torch.matmul {n}x{n}x{n} fp32"
+        return (lambda: torch.matmul(a, b)), f"torch.matmul {n}x{n}x{n} fp32"
+    raise ValueError(f"engine={engine!r}: expected 'onnxruntime' or 'eager'")
+
+
+@lru_cache(maxsize=None)
+def gemm_peak(engine: str = "onnxruntime", threads: int = 1, n: int = GEMM_N, runs: int = 30,
+              warmup: int = 5) -> GemmPeak:
+    """Measure fp32 ``n x n x n`` matrix multiply throughput in ``engine`` at ``threads`` threads.
+
+    The same engine and thread count as the model it is compared with, so a model's "% of peak" is
+    like for like.
+    """
+    fn, method = gemm_runner(engine, threads, n)
+    if engine == "onnxruntime":
+        lat = time_callable(fn, runs, warmup, threads, "onnxruntime")
     else:
-        raise ValueError(f"engine={engine!r}: expected 'onnxruntime' or 'eager'")
-    return GemmPeak(engine=engine, method=method, threads=threads, gmacps=lat.macps(macs), latency=lat)
+        import torch
+
+        with torch_threads(threads), torch.inference_mode():
+            lat = time_callable(fn, runs, warmup, threads, "eager")
+    return GemmPeak(engine=engine, method=method, threads=threads, gmacps=lat.macps(n ** 3), latency=lat)

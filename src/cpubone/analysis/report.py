@@ -143,7 +143,8 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
         "# cpubone bench", "",
         f"- machine: {m.header(result.threads)}",
         f"- engine: {result.engine}; threads: {result.threads}; batch 1; input {result.size}x{result.size}; fp32; "
-        f"median of {result.runs} runs after {result.warmup} warm-up runs; random weights",
+        f"median of {result.runs} runs after {result.warmup} warm-up runs, in {result.rounds} interleaved rounds; "
+        "random weights",
         f"- fp32 GEMM peak: {result.peak.gmacps:.1f} GMAC/s ({result.peak.method}, {result.peak.threads} thread(s))",
         "", markdown_table(rows, BENCH_COLUMNS),
         "MACs: `cpubone.analysis.macs.count_macs` (multiply-adds of convs, linears and attention matmuls). "

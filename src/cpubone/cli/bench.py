@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _engine_args(p, runs=50, warmup=10)
     p.add_argument("--size", type=int, default=224, help="input side S, S x S (default 224)")
     p.add_argument("--channels-last", action="store_true", help="eager engine: channels_last memory format")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="time the models in this many interleaved rounds (default 5; 1 = one model after another)")
     p.add_argument("--out", default="cpubone-bench", help="report directory (default ./cpubone-bench)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
@@ -44,7 +46,7 @@ def _bench(args: argparse.Namespace) -> int:
     from ._render import print_table
 
     res = run_bench(args.models, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
-                    warmup=args.warmup, channels_last=args.channels_last, out_dir=args.out,
+                    warmup=args.warmup, channels_last=args.channels_last, rounds=args.rounds, out_dir=args.out,
                     progress=not args.no_progress)
     print(res.machine.header(res.threads))
     print(f"fp32 GEMM peak: {res.peak.gmacps:.1f} GMAC/s ({res.peak.method})")
