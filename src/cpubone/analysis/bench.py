@@ -150,6 +150,7 @@ class BenchRow:
     median_ms: float
     p10_ms: float
     p90_ms: float
+    min_ms: float
     gmacps: float
     peak_pct: float  # achieved MACpS as % of the GEMM peak at the same thread count
     top1: Optional[float]
@@ -273,7 +274,7 @@ def run_bench(
         rows.append(BenchRow(
             model=e.name, family="CPUBone" if is_cpubone(e.name) and not e.name.startswith("timm/") else "peer",
             params=e.params, macs=e.macs, median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms,
-            gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps, top1=top1, top1_source=source,
+            min_ms=lat.min_ms, gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps, top1=top1, top1_source=source,
             deploy_form=e.deployed, latency=lat,
         ))
     result = BenchResult(machine_info(), eng, threads, size, runs, warmup, channels_last, gemm, rounds, rows)

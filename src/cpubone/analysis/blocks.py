@@ -18,19 +18,19 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..models.layers import ConvNormAct, FusedMBConv, MBConv
-from .latency import measure_eager, measure_onnx
+from .latency import eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
 from .machine import machine_info
 from .macs import count_macs, count_params
 
 __all__ = [
     "DEFAULT_WIDTHS", "QUICK_WIDTHS", "BlockSpec", "BlockSweepResult", "spatial_size", "block_specs", "make_block",
-    "measure_block", "design_rules", "run_block_sweep",
+    "prepare_block", "design_rules", "run_block_sweep",
 ]
 
 DEFAULT_WIDTHS = (32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -106,9 +106,9 @@ def make_block(spec: BlockSpec) -> nn.Module:
     raise ValueError(f"family={spec.family!r}: expected 'fused', 'unfused' or 'dw'")
 
 
-def measure_block(spec: BlockSpec, engine: str = "onnxruntime", threads: int = 1, runs: int = 20,
-                  warmup: int = 3, tmp_dir: Optional[Path] = None) -> dict:
-    """MACs, params, batch-1 latency and MACpS of one block."""
+def prepare_block(spec: BlockSpec, engine: str = "onnxruntime", threads: int = 1) -> Tuple[int, int, Callable[[], object]]:
+    """MACs, params and a zero-argument batch-1 call of one block in ``engine`` (eager: call it under
+    ``torch_threads`` and ``torch.inference_mode``)."""
     torch.manual_seed(0)
     block = make_block(spec).eval()
     block.in_chans = spec.width  # export_onnx traces a (1, in_chans, H, W) input
@@ -117,16 +117,13 @@ def measure_block(spec: BlockSpec, engine: str = "onnxruntime", threads: int = 1
     if engine == "onnxruntime":
         from ..deploy.onnx import export_onnx
 
-        with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
-            path = export_onnx(block, Path(tmp) / "block.onnx", input_size=shape[2:])
-            lat = measure_onnx(path, shape, threads=threads, runs=runs, warmup=warmup)
+        with tempfile.TemporaryDirectory() as tmp:  # the session holds the graph once built
+            fn = onnx_runner(export_onnx(block, Path(tmp) / "block.onnx", input_size=shape[2:]), shape, threads)
     elif engine == "eager":
-        lat = measure_eager(block, shape, threads=threads, runs=runs, warmup=warmup)
+        fn = eager_runner(block, shape)
     else:
         raise ValueError(f"engine={engine!r}: expected 'onnxruntime' or 'eager'")
-    return dict(variant=spec.variant, family=spec.family, width=spec.width, resolution=spec.resolution,
-                kernel=spec.kernel, groups=spec.groups, macs=macs, params=count_params(block),
-                median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms, gmacps=lat.macps(macs))
+    return macs, count_params(block), fn
 
 
 def _paper_range(lo: int, hi: int) -> str:
@@ -241,6 +238,7 @@ def run_block_sweep(
     warmup: int = 3,
     kernels: Sequence[int] = KERNELS,
     groups: Optional[Sequence[int]] = None,
+    rounds: int = 3,
     out_dir: Optional[os.PathLike] = "cpubone-bench",
     progress: bool = True,
 ) -> BlockSweepResult:
@@ -251,6 +249,7 @@ def run_block_sweep(
         quick: a tiny sweep (3 widths, groups 1 and 2) for a first look or a test.
         engine / threads / runs / warmup: as in ``cpubone bench``.
         kernels / groups: kernel sizes and expansion-conv groups to sweep.
+        rounds: all blocks are timed in this many interleaved rounds.
     """
     from .bench import _progress
 
@@ -262,6 +261,8 @@ def run_block_sweep(
         raise ValueError(f"threads={threads}: need at least 1 thread")
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs={runs}, warmup={warmup}: need runs >= 1 and warmup >= 0")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: need at least 1 round")
     bad = [w for w in widths if w < 8 or w % 8]
     if bad:
         raise ValueError(f"widths {bad}: each width must be a positive multiple of 8 (groups up to 8 must divide it)")
@@ -269,12 +270,27 @@ def run_block_sweep(
     if bad:
         raise ValueError(f"kernels {bad}: only 2 and odd kernels are supported")
     specs = block_specs(widths, kernels, groups)
-    records = []
-    with _progress(progress, len(specs)) as step:
+    rounds = min(rounds, runs)
+    chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
+    prepared = []
+    times: List[List[float]] = [[] for _ in specs]
+    with _progress(progress, len(specs) + rounds) as step:
         for s in specs:
-            step(f"{s.variant} w{s.width} k{s.kernel}")
-            records.append(measure_block(s, engine, threads, runs, warmup))
+            step(f"prepare {s.variant} w{s.width} k{s.kernel}")
+            prepared.append(prepare_block(s, engine, threads))
+        # interleaved rounds: load from elsewhere on the machine hits every block alike
+        with torch_threads(threads), torch.inference_mode():
+            for r, chunk in enumerate(chunks):
+                step(f"timing round {r + 1}/{rounds}")
+                for (_, _, fn), t in zip(prepared, times):
+                    time_callable(fn, chunk, warmup if r == 0 else min(warmup, 2), threads, engine, times=t)
         step(None)
+    records = []
+    for s, (macs, params, _), t in zip(specs, prepared, times):
+        lat = summarize_times(t, warmup, threads, engine)
+        records.append(dict(variant=s.variant, family=s.family, width=s.width, resolution=s.resolution,
+                            kernel=s.kernel, groups=s.groups, macs=macs, params=params, median_ms=lat.median_ms,
+                            p10_ms=lat.p10_ms, p90_ms=lat.p90_ms, gmacps=lat.macps(macs)))
     rules = design_rules(records)
     res = BlockSweepResult(machine_info().header(threads), engine, threads, records, rules["preferred"],
                            rules["rules"])

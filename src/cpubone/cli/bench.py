@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _engine_args(p, runs=20, warmup=3)
     p.add_argument("--quick", action="store_true", help="a tiny sweep (3 widths, groups 1 and 2)")
     p.add_argument("--widths", type=int, nargs="+", default=None, help="channel widths to sweep")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds over all blocks (default 3)")
     p.add_argument("--out", default="cpubone-bench", help="report directory (default ./cpubone-bench)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_blocks)
@@ -82,7 +83,8 @@ def _blocks(args: argparse.Namespace) -> int:
     from ._render import print_table
 
     res = run_block_sweep(widths=args.widths, quick=args.quick, engine=args.engine, threads=args.threads,
-                          runs=args.runs, warmup=args.warmup, out_dir=args.out, progress=not args.no_progress)
+                          runs=args.runs, warmup=args.warmup, rounds=args.rounds, out_dir=args.out,
+                          progress=not args.no_progress)
     print(res.machine_header)
     print_table(res.preferred, title="fused vs unfused (groups 2) per kernel and width: the higher MACpS is preferred")
     print_table(res.rules, title="design rules measured on this machine")
