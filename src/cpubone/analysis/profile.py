@@ -294,7 +294,7 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
     ops = []
     for op, ms in sorted(op_ms.items(), key=lambda kv: -kv[1]):
         ops.append(dict(op=op, calls=op_calls.get(op, 0), mac_class=class_of.get(op, "other"), ms=ms,
-                        share_pct=100.0 * ms / (sum(op_ms.values()) or float("nan"))))
+                        share_pct=100.0 * ms / (sum(op_ms.values()) or float("nan")), macs=None, gmacps=None))
     for cls in ("conv", "matmul"):
         t = sum(o["ms"] for o in ops if o["mac_class"] == cls)
         m = class_macs.get(cls, 0)
