@@ -168,6 +168,9 @@ def plot_profile(kinds: Sequence[Dict[str, Any]], path: Path, title: str, peak_g
     a1.set_xlabel("share of profiled time (%)")
     a1.invert_yaxis()
     a2.barh(labels, [k["gmacps"] or 0 for k in kinds], color="tab:green")
+    for i, k in enumerate(kinds):
+        if not k["gmacps"]:
+            a2.text(0.5, i, "no MACs", va="center", fontsize=8, color="gray")
     if peak_gmacps:
         a2.axvline(peak_gmacps, color="k", ls="--", lw=1, label=f"GEMM peak {peak_gmacps:.0f}")
         a2.legend(fontsize=8)
