@@ -56,7 +56,7 @@ def test_profile_tables(engine, tmp_path):
     assert res.floor_ms == pytest.approx(total / (res.peak_gmacps * 1e9) * 1e3)
     conv = next(o for o in res.ops if o["op"] == "all conv ops")
     assert 0 < conv["macs"] <= total and conv["ms"] > 0
-    stem = f"profile_cpubone_nano"
+    stem = "profile_cpubone_nano"
     with open(tmp_path / f"{stem}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["table"] for r in rows} == {"block", "kind", "op"}
