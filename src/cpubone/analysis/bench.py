@@ -286,7 +286,7 @@ def run_bench(
 
 
 class _progress:
-    """A rich progress bar over named steps (or nothing, when disabled or not on a terminal)."""
+    """A rich progress bar over named steps (nothing when disabled)."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.enabled, self.total = enabled, total
