@@ -17,7 +17,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["LatencyResult", "time_callable", "ort_session", "measure_onnx", "measure_eager", "torch_threads"]
+__all__ = ["LatencyResult", "time_callable", "summarize_times", "ort_session", "onnx_runner", "eager_runner",
+           "measure_onnx", "measure_eager", "torch_threads"]
 
 
 @dataclass
@@ -52,20 +53,34 @@ def _check(threads: int, runs: int, warmup: int) -> None:
 
 
 def time_callable(fn: Callable[[], object], runs: int = 50, warmup: int = 10, threads: int = 1,
-                  engine: str = "callable") -> LatencyResult:
-    """Time ``fn()`` ``runs`` times after ``warmup`` calls; returns median / p10 / p90 in ms."""
+                  engine: str = "callable", times: Optional[List[float]] = None) -> LatencyResult:
+    """Time ``fn()`` ``runs`` times after ``warmup`` calls; returns median / p10 / p90 in ms.
+
+    ``times``: a list the raw per-call times (ms) are appended to, for callers that interleave several
+    models in rounds and summarize all rounds at the end (``summarize_times``).
+    """
     _check(threads, runs, warmup)
     for _ in range(warmup):
         fn()
-    times: List[float] = []
+    run_times: List[float] = []
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    arr = np.asarray(times)
+        run_times.append((time.perf_counter() - t0) * 1e3)
+    if times is not None:
+        times.extend(run_times)
+    return summarize_times(run_times, warmup, threads, engine)
+
+
+def summarize_times(times: Sequence[float], warmup: int, threads: int, engine: str) -> LatencyResult:
+    """Median / p10 / p90 / mean / min of per-call times in ms."""
+    arr = np.asarray(times, dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("no timed runs to summarize")
     return LatencyResult(
         median_ms=float(np.median(arr)), p10_ms=float(np.percentile(arr, 10)), p90_ms=float(np.percentile(arr, 90)),
-        mean_ms=float(arr.mean()), min_ms=float(arr.min()), runs=runs, warmup=warmup, threads=threads, engine=engine,
+        mean_ms=float(arr.mean()), min_ms=float(arr.min()), runs=int(arr.size), warmup=warmup, threads=threads,
+        engine=engine,
     )
 
 
@@ -87,15 +102,21 @@ def ort_session(path: Union[str, os.PathLike], threads: int = 1, enable_profilin
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def measure_onnx(path: Union[str, os.PathLike], input_shape: Sequence[int], threads: int = 1, runs: int = 50,
-                 warmup: int = 10, seed: int = 0) -> LatencyResult:
-    """Batch-1 latency of an ONNX file in ONNX Runtime."""
-    _check(threads, runs, warmup)
+def onnx_runner(path: Union[str, os.PathLike], input_shape: Sequence[int], threads: int = 1,
+                seed: int = 0) -> Callable[[], object]:
+    """A zero-argument call of an ONNX Runtime session on a fixed random input (prepared once, untimed)."""
     sess = ort_session(path, threads)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
     feed = {name: x}
-    return time_callable(lambda: sess.run(None, feed), runs, warmup, threads, "onnxruntime")
+    return lambda: sess.run(None, feed)
+
+
+def measure_onnx(path: Union[str, os.PathLike], input_shape: Sequence[int], threads: int = 1, runs: int = 50,
+                 warmup: int = 10, seed: int = 0) -> LatencyResult:
+    """Batch-1 latency of an ONNX file in ONNX Runtime."""
+    _check(threads, runs, warmup)
+    return time_callable(onnx_runner(path, input_shape, threads, seed), runs, warmup, threads, "onnxruntime")
 
 
 @contextmanager
@@ -111,17 +132,28 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def measure_eager(model, input_shape: Sequence[int], threads: int = 1, runs: int = 50, warmup: int = 10,
-                  channels_last: bool = False, seed: int = 0) -> LatencyResult:
-    """Batch-1 latency of a PyTorch model in eager mode under ``torch.inference_mode``."""
+def eager_runner(model, input_shape: Sequence[int], channels_last: bool = False, seed: int = 0) -> Callable[[], object]:
+    """A zero-argument eager call of ``model`` (eval mode) on a fixed random input.
+
+    Call it inside ``torch_threads(n)`` and ``torch.inference_mode()``.
+    """
     import torch
 
-    _check(threads, runs, warmup)
     model.eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tuple(input_shape), generator=g)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    return lambda: model(x)
+
+
+def measure_eager(model, input_shape: Sequence[int], threads: int = 1, runs: int = 50, warmup: int = 10,
+                  channels_last: bool = False, seed: int = 0) -> LatencyResult:
+    """Batch-1 latency of a PyTorch model in eager mode under ``torch.inference_mode``."""
+    import torch
+
+    _check(threads, runs, warmup)
+    fn = eager_runner(model, input_shape, channels_last, seed)
     with torch_threads(threads), torch.inference_mode():
-        return time_callable(lambda: model(x), runs, warmup, threads, "eager" + ("-cl" if channels_last else ""))
+        return time_callable(fn, runs, warmup, threads, "eager" + ("-cl" if channels_last else ""))

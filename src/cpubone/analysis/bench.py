@@ -1,0 +1,316 @@
+"""``cpubone bench``: batch-1 CPU latency, MACs and MACpS of CPUBone against its peers on this machine.
+
+Every model is built with random weights (latency does not depend on them, and nothing is downloaded),
+put in its deploy form (timm's ``reparameterize_model``: RepViT / MobileOne / FastViT branches folded,
+a no-op for the others), exported once to ONNX (cached by model, size and library versions) and timed
+with the project's one harness (:mod:`cpubone.analysis.latency`). MACpS is set against this machine's
+fp32 GEMM peak measured in the same engine at the same thread count.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..models import VARIANTS, create_model, is_cpubone
+from .latency import LatencyResult, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
+from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info
+from .macs import count_macs, count_params
+
+__all__ = [
+    "DEFAULT_MODELS", "PEER_TOP1", "ENGINES", "BenchRow", "BenchResult", "published_top1", "cache_dir",
+    "build_model", "onnx_export", "check_args", "run_bench",
+]
+
+DEFAULT_MODELS: Tuple[str, ...] = (
+    "cpubone_nano", "cpubone_t0", "cpubone_b0", "cpubone_b1",
+    "mobilenetv3_large_100", "mobilenetv4_conv_small", "mobilenetv4_conv_medium", "fasternet_t0",
+    "efficientvit_b1", "repvit_m1_1", "lowformer_b0",
+)
+ENGINES = ("onnxruntime", "eager")
+
+# Published ImageNet-1k top-1 (%, 224x224) of the peers, from their papers. CPUBone's own values
+# live in the variant table (cpubone.models.VARIANTS[...].top1, the authors' release).
+PEER_TOP1: Dict[str, Tuple[float, str]] = {
+    "mobilenetv3_large_100": (75.2, "Howard et al., Searching for MobileNetV3, ICCV 2019, Table 3"),
+    "mobilenetv4_conv_small": (73.8, "Qin et al., MobileNetV4, ECCV 2024, Table 5"),
+    "mobilenetv4_conv_medium": (79.9, "Qin et al., MobileNetV4, ECCV 2024, Table 5"),
+    "fasternet_t0": (71.9, "Chen et al., Run, Don't Walk (FasterNet), CVPR 2023, Table 3"),
+    "efficientvit_b1": (79.4, "Cai et al., EfficientViT, ICCV 2023, Table 2 (r224)"),
+    "repvit_m1_1": (79.4, "Wang et al., RepViT, CVPR 2024, Table 2 (300 epochs)"),
+    "lowformer_b0": (78.4, "Nottebaum et al., LowFormer, WACV 2025, Table 1"),
+    "mobileone_s1": (75.9, "Vasu et al., MobileOne, CVPR 2023, Table 4"),
+    "fastvit_t8": (75.6, "Vasu et al., FastViT, ICCV 2023, Table 2"),
+}
+
+
+def published_top1(name: str) -> Tuple[Optional[float], str]:
+    """Published top-1 of ``name`` and where it comes from (None, '' when we have no figure)."""
+    base = name[len("timm/"):] if name.startswith("timm/") else name
+    if is_cpubone(base) and not name.startswith("timm/"):
+        cfg = VARIANTS[base.split(".")[0]]
+        if cfg.top1 is not None:
+            return cfg.top1, f"Nottebaum et al., CPUBone, CVPR Findings 2026 ({cfg.published_name}, authors' release)"
+        return None, ""
+    return PEER_TOP1.get(base.split(".")[0], (None, ""))
+
+
+def cache_dir() -> Path:
+    """User cache for ONNX exports: $CPUBONE_CACHE_DIR, else $XDG_CACHE_HOME/cpubone, else ~/.cache/cpubone."""
+    if os.environ.get("CPUBONE_CACHE_DIR"):
+        return Path(os.environ["CPUBONE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cpubone"
+
+
+def check_args(models: Sequence[str], engine: str = "onnxruntime", threads: int = 1, size: int = 224,
+               runs: int = 50, warmup: int = 10) -> None:
+    """Reject bad input before any work starts, naming the problem."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+    if threads < 1:
+        raise ValueError(f"threads={threads}: need at least 1 thread")
+    if size < 32:
+        raise ValueError(f"size={size}: input side must be at least 32 pixels (the networks downsample by 32)")
+    if runs < 1:
+        raise ValueError(f"runs={runs}: need at least 1 timed run")
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup}: cannot be negative")
+    if not models:
+        raise ValueError("no models given")
+    import timm
+
+    known = set(timm.list_models())
+    for name in models:
+        base = name[len("timm/"):] if name.startswith("timm/") else name
+        if not (is_cpubone(name) and not name.startswith("timm/")) and base.split(".")[0] not in known:
+            raise ValueError(f"unknown model {name!r}: not a CPUBone variant ({', '.join(VARIANTS)}) "
+                             f"and not a timm model")
+
+
+def build_model(name: str, seed: int = 0) -> Tuple[nn.Module, bool]:
+    """``name`` with seeded random weights, in deploy form; returns (model, whether it was reparameterized).
+
+    timm's ``reparameterize_model`` folds the train-time branches of RepViT, MobileOne, FastViT and
+    the like into single convs, the form they are deployed and timed in by their authors; measuring
+    them unfolded would be unfair to them.
+    """
+    from timm.utils import reparameterize_model
+
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = create_model(name).eval()
+    if is_cpubone(name) and not name.startswith("timm/"):
+        return model, False
+    # the hooks timm's reparameterize_model calls
+    foldable = any(hasattr(m, a) for m in model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy"))
+    if not foldable:
+        return model, False
+    return reparameterize_model(model).eval(), True
+
+
+def _export_key(name: str, size: int) -> str:
+    import onnx
+    import timm
+
+    from .. import __version__
+
+    key = f"{name}|{size}|torch {torch.__version__}|timm {timm.__version__}|onnx {onnx.__version__}|cpubone {__version__}"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return f"{safe}_{size}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.onnx"
+
+
+def onnx_export(name: str, model: nn.Module, size: int) -> Path:
+    """The cached ONNX export of ``model`` (built by ``build_model(name)``) at ``size`` x ``size``.
+
+    The cache key holds the model name, size and torch / timm / onnx / cpubone versions, so a library
+    upgrade re-exports; the seeded weights make the cached file the same network ``build_model`` gives.
+    """
+    from ..deploy.onnx import export_onnx
+
+    path = cache_dir() / "onnx" / _export_key(name, size)
+    if not path.exists():
+        export_onnx(model, path, input_size=(size, size), metadata={"cpubone_bench_model": name})
+    return path
+
+
+@dataclass
+class BenchRow:
+    """One model's figures in a benchmark run."""
+
+    model: str
+    family: str  # "CPUBone" or "peer"
+    params: int
+    macs: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    gmacps: float
+    peak_pct: float  # achieved MACpS as % of the GEMM peak at the same thread count
+    top1: Optional[float]
+    top1_source: str
+    deploy_form: bool  # reparameterized before timing
+    latency: LatencyResult = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("latency")
+        return d
+
+
+@dataclass
+class BenchResult:
+    """A whole benchmark run: the machine, the settings, the GEMM peak and one row per model."""
+
+    machine: MachineInfo
+    engine: str
+    threads: int
+    size: int
+    runs: int
+    warmup: int
+    channels_last: bool
+    peak: GemmPeak
+    rounds: int
+    rows: List[BenchRow]
+    files: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(
+            machine=self.machine.to_dict(), engine=self.engine, threads=self.threads, batch_size=1,
+            size=self.size, runs=self.runs, warmup=self.warmup, rounds=self.rounds, channels_last=self.channels_last,
+            gemm_peak=self.peak.to_dict(), rows=[r.to_dict() for r in self.rows],
+        )
+
+
+@dataclass
+class _Entry:
+    """A model prepared for timing: its figures and a zero-argument call of its engine."""
+
+    name: str
+    params: int
+    macs: int
+    deployed: bool
+    fn: object
+    times: List[float] = field(default_factory=list)
+
+
+def _prepare(name: str, engine: str, threads: int, size: int, channels_last: bool) -> _Entry:
+    model, deployed = build_model(name)
+    macs = count_macs(model, size).total
+    shape = (1, getattr(model, "in_chans", 3), size, size)
+    if engine == "onnxruntime":
+        fn = onnx_runner(onnx_export(name, model, size), shape, threads)
+    else:
+        fn = eager_runner(model, shape, channels_last)
+    return _Entry(name, count_params(model), macs, deployed, fn)
+
+
+def run_bench(
+    models: Sequence[str] = DEFAULT_MODELS,
+    engine: str = "onnxruntime",
+    threads: int = 1,
+    size: int = 224,
+    runs: int = 50,
+    warmup: int = 10,
+    channels_last: bool = False,
+    rounds: int = 5,
+    out_dir: Optional[os.PathLike] = "cpubone-bench",
+    progress: bool = True,
+) -> BenchResult:
+    """Benchmark ``models`` at batch 1 and write CSV, JSON, Markdown and a top-1 vs latency plot.
+
+    All models (and the GEMM peak) are prepared first, then timed in ``rounds`` interleaved rounds of
+    about ``runs / rounds`` calls each, so a burst of load from elsewhere on the machine hits every model
+    alike and the ratios between them stay meaningful.
+
+    Args:
+        models: CPUBone variants and/or timm model names.
+        engine: 'onnxruntime' (the paper's CPU path) or 'eager' (PyTorch, ``torch.inference_mode``).
+        threads: intra-op threads, pinned for the models and for the GEMM peak.
+        size: input side S (S x S), at least 32.
+        runs / warmup: timed calls per model, and untimed calls before its first round (2 before each
+            later round, to bring its weights back into cache).
+        channels_last: eager only, run in channels_last memory format.
+        rounds: interleaved rounds (1: each model timed in one go).
+        out_dir: where the report files go (None: write nothing).
+        progress: show a progress bar on the terminal.
+    """
+    models = list(models) or list(DEFAULT_MODELS)
+    check_args(models, engine, threads, size, runs, warmup)
+    if channels_last and engine != "eager":
+        raise ValueError("--channels-last applies to the eager engine only (ONNX Runtime picks its own layout)")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: need at least 1 round")
+    rounds = min(rounds, runs)
+    chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
+    entries: List[_Entry] = []
+    with _progress(progress, len(models) + rounds) as step:
+        peak_fn, peak_method = gemm_runner(engine, threads, GEMM_N)
+        peak = _Entry("GEMM peak", 0, GEMM_N ** 3, False, peak_fn)
+        for name in models:
+            step(f"prepare {name}")
+            entries.append(_prepare(name, engine, threads, size, channels_last))
+        with torch_threads(threads), torch.inference_mode():
+            for r, chunk in enumerate(chunks):
+                step(f"timing round {r + 1}/{rounds}")
+                for e in [peak] + entries:
+                    time_callable(e.fn, chunk, warmup if r == 0 else min(warmup, 2), threads, engine, times=e.times)
+        step(None)
+    eng = engine + ("-cl" if channels_last else "")
+    peak_lat = summarize_times(peak.times, warmup, threads, engine)
+    gemm = GemmPeak(engine=engine, method=peak_method, threads=threads, gmacps=peak_lat.macps(peak.macs),
+                    latency=peak_lat)
+    rows = []
+    for e in entries:
+        lat = summarize_times(e.times, warmup, threads, eng)
+        gmacps = lat.macps(e.macs)
+        top1, source = published_top1(e.name)
+        rows.append(BenchRow(
+            model=e.name, family="CPUBone" if is_cpubone(e.name) and not e.name.startswith("timm/") else "peer",
+            params=e.params, macs=e.macs, median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms,
+            min_ms=lat.min_ms, gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps, top1=top1, top1_source=source,
+            deploy_form=e.deployed, latency=lat,
+        ))
+    result = BenchResult(machine_info(), eng, threads, size, runs, warmup, channels_last, gemm, rounds, rows)
+    if out_dir is not None:
+        from .report import write_bench_report
+
+        result.files = write_bench_report(result, Path(out_dir))
+    return result
+
+
+class _progress:
+    """A rich progress bar over named steps (nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), transient=False)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("", total=self.total)
+            self.started = False
+        return self.step
+
+    def step(self, label: Optional[str]) -> None:
+        if self.bar is None:
+            return
+        if self.started:
+            self.bar.advance(self.task)
+        self.started = True
+        self.bar.update(self.task, description=label or "done")
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

@@ -1,0 +1,199 @@
+"""What machine a measurement ran on, and the fp32 GEMM peak it reaches at a given thread count.
+
+Latency figures are only comparable on one machine, so every report names the CPU, the ISA the
+kernels can use and the library versions. The GEMM peak is the ceiling a conv network can approach
+on that CPU (convs run as GEMMs); "% of peak" says how well a model uses the hardware, the paper's
+MACpS argument in one number.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .latency import LatencyResult, ort_session, time_callable, torch_threads
+
+__all__ = ["MachineInfo", "GemmPeak", "machine_info", "isa_features", "gemm_runner", "gemm_peak", "GEMM_N"]
+
+# 512x512x512: large enough for the kernel's steady state, small enough to stay cache-resident
+# (the regime of the convs of a small backbone at batch 1).
+GEMM_N = 512
+
+# /proc/cpuinfo flag -> the name we report; order = from basic to advanced.
+_X86_FLAGS = [("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX-VNNI"),
+              ("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX")]
+_ARM_FLAGS = [("asimd", "NEON"), ("asimddp", "DOTPROD"), ("i8mm", "I8MM"), ("sve", "SVE"), ("sve2", "SVE2")]
+
+
+@dataclass
+class MachineInfo:
+    """The CPU and software a measurement ran on."""
+
+    cpu: str
+    arch: str
+    logical_cpus: int
+    usable_cpus: int
+    isa: List[str] = field(default_factory=list)
+    os: str = ""
+    python: str = ""
+    versions: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def header(self, threads: int) -> str:
+        """One line naming the machine, e.g. for report titles."""
+        vers = ", ".join(f"{k} {v}" for k, v in self.versions.items())
+        return (f"{self.cpu} ({self.arch}; {threads} of {self.usable_cpus} usable cores; ISA: "
+                f"{'/'.join(self.isa) or 'unknown'}); {vers}")
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _cpu_name(cpuinfo: str) -> str:
+    for key in ("model name", "Model", "Hardware", "cpu model"):
+        for line in cpuinfo.splitlines():
+            if line.split(":")[0].strip() == key and ":" in line:
+                return line.split(":", 1)[1].strip()
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip() or platform.processor()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def isa_features(cpuinfo: Optional[str] = None, arch: Optional[str] = None) -> List[str]:
+    """SIMD extensions the CPU reports (AVX2 / AVX-512 / VNNI / AMX on x86, NEON / SVE on ARM).
+
+    Read from the ``flags`` / ``Features`` lines of /proc/cpuinfo; on Apple silicon (no
+    /proc/cpuinfo) NEON is implied by the architecture.
+    """
+    cpuinfo = _read_cpuinfo() if cpuinfo is None else cpuinfo
+    arch = (arch or platform.machine()).lower()
+    flags: set = set()
+    for line in cpuinfo.splitlines():
+        key = line.split(":")[0].strip().lower()
+        if key in ("flags", "features") and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    table = _ARM_FLAGS if arch.startswith(("arm", "aarch")) else _X86_FLAGS
+    found = [name for flag, name in table if flag in flags]
+    if not found and arch in ("arm64", "aarch64"):
+        found = ["NEON"]  # mandatory in ARMv8-A
+    return found
+
+
+def _versions() -> Dict[str, str]:
+    import torch
+
+    from .. import __version__
+
+    vers = {"cpubone": __version__, "torch": torch.__version__.split("+")[0]}
+    for mod in ("timm", "onnxruntime", "onnx"):
+        try:
+            vers[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return vers
+
+
+@lru_cache(maxsize=1)
+def machine_info() -> MachineInfo:
+    """CPU model, architecture, usable cores, ISA and library versions of this machine."""
+    cpuinfo = _read_cpuinfo()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        usable = os.cpu_count() or 1
+    return MachineInfo(
+        cpu=_cpu_name(cpuinfo), arch=platform.machine(), logical_cpus=os.cpu_count() or 1, usable_cpus=usable,
+        isa=isa_features(cpuinfo), os=f"{platform.system()} {platform.release()}",
+        python=platform.python_version(), versions=_versions(),
+    )
+
+
+@dataclass
+class GemmPeak:
+    """fp32 GEMM throughput of this machine: the MACpS ceiling for models measured the same way."""
+
+    engine: str
+    method: str
+    threads: int
+    gmacps: float
+    latency: LatencyResult
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["latency"] = self.latency.to_dict()
+        return d
+
+
+def _ort_matmul_file(path: Path, n: int) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm_peak",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])], initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = min(model.ir_version, 9)
+    onnx.save(model, str(path))
+
+
+def gemm_runner(engine: str = "onnxruntime", threads: int = 1, n: int = GEMM_N) -> Tuple[Callable[[], object], str]:
+    """A zero-argument fp32 ``n x n x n`` matmul in ``engine`` and a line naming it.
+
+    ONNX Runtime: a one-node ``MatMul`` graph (weights as an initializer, like a conv's) in a session
+    with ``threads`` intra-op threads; eager: ``torch.matmul`` of two ``n x n`` tensors (call it inside
+    ``torch_threads(threads)``).
+    """
+    import numpy as np
+
+    if engine == "onnxruntime":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "matmul.onnx"
+            _ort_matmul_file(path, n)
+            sess = ort_session(path, threads)
+        feed = {"A": np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)}
+        return (lambda: sess.run(None, feed)), f"ONNX Runtime MatMul {n}x{n}x{n} fp32"
+    if engine.startswith("eager"):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        return (lambda: torch.matmul(a, b)), f"torch.matmul {n}x{n}x{n} fp32"
+    raise ValueError(f"engine={engine!r}: expected 'onnxruntime' or 'eager'")
+
+
+@lru_cache(maxsize=None)
+def gemm_peak(engine: str = "onnxruntime", threads: int = 1, n: int = GEMM_N, runs: int = 30,
+              warmup: int = 5) -> GemmPeak:
+    """Measure fp32 ``n x n x n`` matrix multiply throughput in ``engine`` at ``threads`` threads.
+
+    The same engine and thread count as the model it is compared with, so a model's "% of peak" is
+    like for like.
+    """
+    fn, method = gemm_runner(engine, threads, n)
+    if engine == "onnxruntime":
+        lat = time_callable(fn, runs, warmup, threads, "onnxruntime")
+    else:
+        import torch
+
+        with torch_threads(threads), torch.inference_mode():
+            lat = time_callable(fn, runs, warmup, threads, "eager")
+    return GemmPeak(engine=engine, method=method, threads=threads, gmacps=lat.macps(n ** 3), latency=lat)

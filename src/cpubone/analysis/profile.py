@@ -1,0 +1,341 @@
+"""``cpubone profile``: where a model's batch-1 time goes, per block, per block kind and per op type.
+
+ONNX Runtime: the session's own profiler (``SessionOptions.enable_profiling``) times every kernel; the
+TorchScript exporter names nodes after the module scope ("/stages/stages.2/blocks/blocks.0/attn/qkv/Conv"),
+which is mapped back to the module (``stages.2.blocks.0.attn.qkv``) and from there to its block. Nodes that
+ONNX Runtime creates itself (layout reorders, split activations) carry no scope and are charged to the
+block of the node before them in execution order. Eager: forward pre/post hooks time each block and each
+leaf module; time inside a block not spent in a leaf module is functional code (pads, attention matmuls,
+residual adds, upsampling) and is reported as such.
+
+MACs come from ``count_macs`` per module. MACpS = MACs / time per row, and
+"predicted latency = sum of MACs / MACpS" is shown beside the measured one, both per block and at the
+machine's GEMM peak (the floor the model could reach if every MAC ran at GEMM speed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .bench import build_model, check_args, onnx_export
+from .latency import measure_eager, measure_onnx, ort_session, torch_threads
+from .machine import gemm_peak, machine_info
+from .macs import MacReport, count_macs
+
+__all__ = ["ProfileResult", "block_units", "module_of_node", "profile_model"]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _block_kind(m: nn.Module) -> str:
+    from ..models.layers import FusedMBConv, MBConv
+
+    if isinstance(m, FusedMBConv):
+        return "GrFuMBConv" if m.conv_exp.conv.groups > 1 else "FuMBConv"
+    if isinstance(m, MBConv):
+        return "GrMBConv" if m.conv_pw.conv.groups > 1 else "MBConv"
+    return type(m).__name__
+
+
+def block_units(model: nn.Module) -> Dict[str, str]:
+    """Module name -> block kind of the units time is charged to.
+
+    CPUBone: ``stem``, each stage's ``downsample`` and stages 1-2 blocks (GrFuMBConv), and inside each
+    attention-stage block its ``attn`` (Lowtention), ``mlp`` (MLP), ``norm1/2`` (norm), ``local``
+    (GrFuMBConv / GrMBConv) and the block itself for the residual adds; ``head``. Other models: every
+    module whose parent is the model or a container (Sequential / ModuleList), kind = its class.
+    """
+    from ..models.cpubone import CPUBone, CPUBoneBlock
+
+    units: Dict[str, str] = {}
+    if isinstance(model, CPUBone):
+        units["stem"] = "stem"
+        for i, stage in enumerate(model.stages):
+            units[f"stages.{i}.downsample"] = _block_kind(stage.downsample)
+            for j, blk in enumerate(stage.blocks):
+                name = f"stages.{i}.blocks.{j}"
+                if isinstance(blk, CPUBoneBlock):
+                    units[name] = "residual"
+                    units.update({f"{name}.norm1": "norm", f"{name}.norm2": "norm", f"{name}.attn": "Lowtention",
+                                  f"{name}.mlp": "MLP", f"{name}.local": _block_kind(blk.local)})
+                else:
+                    units[name] = _block_kind(blk)
+        units["head"] = "head"
+        return units
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        for n, child in mod.named_children():
+            full = f"{prefix}.{n}" if prefix else n
+            if isinstance(child, _CONTAINERS) and len(child) > 0:
+                visit(full, child)
+            else:
+                units[full] = _block_kind(child)
+
+    visit("", model)
+    return units
+
+
+def module_of_node(node_name: str, module_names: Sequence[str]) -> str:
+    """The deepest module an ONNX node belongs to, from the scope path in its name ('' if none).
+
+    The exporter writes a child of a Sequential as "<attr>.<index>" ("/stages/stages.2/..."), so each
+    scope component is tried as-is and by its last dotted part.
+    """
+    if not node_name.startswith("/"):
+        return ""
+    names = set(module_names)
+    current = ""
+    for comp in node_name.split("/")[1:-1]:
+        for cand in (comp, comp.rsplit(".", 1)[-1]):
+            full = f"{current}.{cand}" if current else cand
+            if full in names:
+                current = full
+                break
+        else:
+            break
+    return current
+
+
+def _unit_of(module: str, units: Dict[str, str]) -> str:
+    """The deepest unit that is ``module`` or contains it ('' = the model itself)."""
+    while module:
+        if module in units:
+            return module
+        module = module.rsplit(".", 1)[0] if "." in module else ""
+    return ""
+
+
+# ORT op types that do the counted multiply-adds, and the count_macs (aten) ops they correspond to.
+_MAC_CLASS_OPS = {"conv": ("convolution",), "matmul": ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear")}
+
+
+def _mac_class(op_type: str) -> str:
+    if "Conv" in op_type and "Transpose" not in op_type:
+        return "conv"
+    if "MatMul" in op_type or "Gemm" in op_type or "Attention" in op_type:
+        return "matmul"
+    return "other"
+
+
+@dataclass
+class ProfileResult:
+    """Per-block / per-kind / per-op tables of one model (times in ms, medians over the profiled runs)."""
+
+    model: str
+    engine: str
+    threads: int
+    size: int
+    machine_header: str
+    measured_ms: float  # the latency harness's median, profiler off
+    profiled_ms: float  # sum of the profiled per-block times
+    predicted_ms: float  # sum over MAC-doing blocks of MACs / MACpS
+    floor_ms: float  # total MACs / GEMM peak
+    peak_gmacps: float
+    macs: int
+    blocks: List[dict] = field(default_factory=list)
+    kinds: List[dict] = field(default_factory=list)
+    ops: List[dict] = field(default_factory=list)
+    files: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "files"}
+
+
+def _ort_times(path: Path, shape: Tuple[int, ...], threads: int, runs: int, warmup: int,
+               modules: Sequence[str], units: Dict[str, str]) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, int]]:
+    """Per-unit and per-op-type median kernel time (ms) and op call counts from ORT's profiler."""
+    import numpy as np
+
+    sess = ort_session(path, threads, enable_profiling=True)
+    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    for _ in range(warmup + runs):
+        sess.run(None, feed)
+    trace = Path(sess.end_profiling())
+    try:
+        events = json.loads(trace.read_text())
+    finally:
+        trace.unlink(missing_ok=True)
+    per_node: Dict[str, List[float]] = defaultdict(list)
+    order: List[Tuple[str, str]] = []
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        node = e["name"][: -len("_kernel_time")]
+        if node not in per_node:
+            order.append((node, e.get("args", {}).get("op_name", "?")))
+        per_node[node].append(e["dur"] / 1e3)
+    unit_ms: Dict[str, float] = defaultdict(float)
+    op_ms: Dict[str, float] = defaultdict(float)
+    op_calls: Dict[str, int] = defaultdict(int)
+    prev_unit = ""
+    for node, op in order:
+        ms = statistics.median(per_node[node][-runs:])  # the timed runs, not the warm-up
+        unit = _unit_of(module_of_node(node, modules), units) if node.startswith("/") else prev_unit
+        unit_ms[unit] += ms
+        op_ms[op] += ms
+        op_calls[op] += 1
+        prev_unit = unit
+    return unit_ms, op_ms, op_calls
+
+
+def _eager_times(model: nn.Module, shape: Tuple[int, ...], threads: int, runs: int, warmup: int,
+                 units: Dict[str, str]) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, int], Dict[str, str]]:
+    """Per-unit and per-leaf-type median times (ms) from forward hooks; also leaf name -> type."""
+    starts: Dict[str, float] = {}
+    rec: Dict[str, List[float]] = defaultdict(list)
+    mods = dict(model.named_modules())
+    leaves = {n: type(m).__name__ for n, m in mods.items()
+              if n and not list(m.children()) and not isinstance(m, _CONTAINERS)}
+    hooks = []
+    for name in set(units) | set(leaves):
+        mod = mods[name]
+
+        def pre(m, inp, name=name):
+            starts[name] = time.perf_counter()
+
+        def post(m, inp, out, name=name):
+            rec[name].append((time.perf_counter() - starts[name]) * 1e3)
+
+        hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch_threads(threads), torch.inference_mode():
+            for i in range(warmup + runs):
+                if i == warmup:
+                    rec.clear()
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    med = {n: statistics.median(v) for n, v in rec.items()}
+    unit_ms = {u: med.get(u, 0.0) for u in units}
+    # a unit's own time excludes the units nested in it (CPUBone's block-level "residual" unit)
+    for u in units:
+        for v in units:
+            if v != u and v.startswith(u + ".") and _unit_of(v.rsplit(".", 1)[0], units) == u:
+                unit_ms[u] -= med.get(v, 0.0)
+    op_ms: Dict[str, float] = defaultdict(float)
+    op_calls: Dict[str, int] = defaultdict(int)
+    for n, typ in leaves.items():
+        if n in med:
+            op_ms[typ] += med[n]
+            op_calls[typ] += len(rec[n]) // runs
+    return unit_ms, op_ms, op_calls, leaves
+
+
+def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size: int = 224, runs: int = 20,
+                  warmup: int = 5, out_dir: Optional[os.PathLike] = "cpubone-bench") -> ProfileResult:
+    """Profile ``name`` at batch 1: tables per block, block kind and op type, plus a bar chart.
+
+    Args:
+        name: CPUBone variant or timm model (random weights, deploy form as in ``cpubone bench``).
+        engine: 'onnxruntime' (its profiler) or 'eager' (forward hooks).
+        threads / size / runs / warmup: as in ``cpubone bench``.
+        out_dir: writes ``profile_<model>.{csv,json,md,png}`` there (None: nothing written).
+    """
+    check_args([name], engine, threads, size, runs, warmup)
+    model, _ = build_model(name)
+    report: MacReport = count_macs(model, size)
+    units = block_units(model)
+    shape = (1, getattr(model, "in_chans", 3), size, size)
+    modules = [n for n, _ in model.named_modules()]
+    if engine == "onnxruntime":
+        path = onnx_export(name, model, size)
+        lat = measure_onnx(path, shape, threads=threads, runs=runs, warmup=warmup)
+        unit_ms, op_ms, op_calls = _ort_times(path, shape, threads, runs, warmup, modules, units)
+        class_macs = {c: sum(report.by_op.get(o, 0) for o in ops) for c, ops in _MAC_CLASS_OPS.items()}
+        class_of = {op: _mac_class(op) for op in op_ms}
+    else:
+        lat = measure_eager(model, shape, threads=threads, runs=runs, warmup=warmup)
+        unit_ms, op_ms, op_calls, leaves = _eager_times(model, shape, threads, runs, warmup, units)
+        class_of = {op: ("conv" if "Conv" in op else "matmul" if op == "Linear" else "other") for op in op_ms}
+        class_macs = defaultdict(int)
+        for n, typ in leaves.items():
+            class_macs[class_of.get(typ, "other")] += report.module(n)
+        # what hooks cannot see: time inside units but outside leaf modules (pads, sdpa, adds, upsampling)
+        functional = sum(unit_ms.values()) - sum(op_ms.values())
+        if functional > 0:
+            op_ms["functional (no module)"] = functional
+            class_of["functional (no module)"] = "other"
+            class_macs["other"] = report.total - class_macs["conv"] - class_macs["matmul"]
+    peak = gemm_peak(engine, threads)
+    total_ms = sum(unit_ms.values()) or float("nan")
+
+    # MACs per unit exclude the units nested inside it, like its time
+    def own_macs(u: str) -> int:
+        nested = [v for v in units if v.startswith(u + ".") and _unit_of(v.rsplit(".", 1)[0], units) == u]
+        return report.module(u) - sum(report.module(v) for v in nested) if u else 0
+
+    unit_macs = {u: own_macs(u) for u in unit_ms}
+    if "" in unit_ms:  # ops outside every unit: what no unit accounts for
+        unit_macs[""] = max(0, report.total - sum(own_macs(u) for u in units))
+
+    def row(label: str, key: str, macs: int, ms: float) -> dict:
+        return {key: label, "macs": int(macs), "ms": ms, "gmacps": (macs / (ms * 1e-3) / 1e9) if ms > 0 and macs else None,
+                "share_pct": 100.0 * ms / total_ms}
+
+    blocks = [dict(row(u or "(model)", "block", unit_macs.get(u, 0), ms), kind=units.get(u, "other"))
+              for u, ms in unit_ms.items()]
+    blocks = [{k: b[k] for k in ("block", "kind", "macs", "ms", "gmacps", "share_pct")} for b in blocks]
+    kind_acc: Dict[str, List[float]] = defaultdict(lambda: [0, 0.0])
+    for b in blocks:
+        kind_acc[b["kind"]][0] += b["macs"]
+        kind_acc[b["kind"]][1] += b["ms"]
+    kinds = sorted((row(k, "kind", m, t) for k, (m, t) in kind_acc.items()), key=lambda r: -r["ms"])
+    ops = []
+    for op, ms in sorted(op_ms.items(), key=lambda kv: -kv[1]):
+        ops.append(dict(op=op, calls=op_calls.get(op, 0), mac_class=class_of.get(op, "other"), ms=ms,
+                        share_pct=100.0 * ms / (sum(op_ms.values()) or float("nan")), macs=None, gmacps=None))
+    for cls in ("conv", "matmul"):
+        t = sum(o["ms"] for o in ops if o["mac_class"] == cls)
+        m = class_macs.get(cls, 0)
+        ops.append(dict(op=f"all {cls} ops", calls=sum(o["calls"] for o in ops if o["mac_class"] == cls),
+                        mac_class=cls, ms=t, share_pct=100.0 * t / (sum(op_ms.values()) or float("nan")),
+                        macs=m, gmacps=(m / (t * 1e-3) / 1e9) if t > 0 else None))
+    # latency ~ MACs / MACpS, summed over the blocks that do MACs; what is left of the measured time is
+    # spent in MAC-free work (norms, layout reorders, pads, adds)
+    predicted = sum(b["macs"] / (b["gmacps"] * 1e9) * 1e3 for b in blocks if b["gmacps"])
+    res = ProfileResult(
+        model=name, engine=lat.engine, threads=threads, size=size, machine_header=machine_info().header(threads),
+        measured_ms=lat.median_ms, profiled_ms=total_ms, predicted_ms=predicted,
+        floor_ms=report.total / (peak.gmacps * 1e9) * 1e3, peak_gmacps=peak.gmacps, macs=report.total,
+        blocks=blocks, kinds=kinds, ops=ops,
+    )
+    if out_dir is not None:
+        res.files = _write(res, Path(out_dir))
+    return res
+
+
+def _write(res: ProfileResult, out_dir: Path) -> Dict[str, str]:
+    from .report import markdown_table, plot_profile, write_csv, write_json
+
+    stem = "profile_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in res.model)
+    files = {
+        "csv": write_csv([dict(table="block", **b) for b in res.blocks] + [dict(table="kind", **k) for k in res.kinds]
+                         + [dict(table="op", **o) for o in res.ops], out_dir / f"{stem}.csv"),
+        "json": write_json(res.to_dict(), out_dir / f"{stem}.json"),
+        "png": plot_profile(res.kinds, out_dir / f"{stem}.png",
+                            f"{res.model}: {res.engine}, {res.threads} thread(s), {res.size}x{res.size}; "
+                            f"{res.machine_header.split(' (')[0]}", res.peak_gmacps),
+    }
+    md = [f"# cpubone profile {res.model}", "", f"- machine: {res.machine_header}",
+          f"- engine {res.engine}, {res.threads} thread(s), batch 1, {res.size}x{res.size}",
+          f"- measured latency (median, profiler off): {res.measured_ms:.2f} ms",
+          f"- predicted latency = sum of MACs / MACpS over the blocks that do MACs: {res.predicted_ms:.2f} ms "
+          f"(all profiled block times: {res.profiled_ms:.2f} ms; the rest is MAC-free work)",
+          f"- floor at the GEMM peak ({res.peak_gmacps:.1f} GMAC/s): {res.floor_ms:.2f} ms", "",
+          "## By block kind", "", markdown_table(res.kinds), "## By op type", "", markdown_table(res.ops),
+          "## By block", "", markdown_table(res.blocks), f"![by block kind]({stem}.png)", ""]
+    path = out_dir / f"{stem}.md"
+    path.write_text("\n".join(md), encoding="utf-8")
+    files["md"] = path
+    return {k: str(v) for k, v in files.items()}

@@ -1,0 +1,220 @@
+"""Report files of the measurement tools: CSV, JSON, Markdown and PNG plots (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "write_csv", "write_json", "markdown_table", "pareto_front", "plot_pareto", "write_bench_report",
+    "plot_profile", "plot_blocks",
+]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_csv(rows: Sequence[Dict[str, Any]], path: Path) -> Path:
+    """Rows (dicts with the same keys) as CSV with a header line."""
+    import io
+
+    buf = io.StringIO()
+    cols: List[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    _atomic_write_text(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    _atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+    return Path(path)
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[Tuple[str, str]]] = None) -> str:
+    """A GitHub Markdown table; ``columns`` = (key, header) pairs, default all keys of the first row."""
+    if not rows:
+        return "(no rows)\n"
+    columns = list(columns or [(k, k) for k in rows[0]])
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join("---" if isinstance(rows[0].get(k), str) else "---:" for k, _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(points: Iterable[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """Points (latency, top-1) not beaten by another that is both faster and at least as accurate."""
+    front: List[Tuple[float, float]] = []
+    best = float("-inf")
+    for lat, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((lat, acc))
+            best = acc
+    return front
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
+    """Top-1 vs measured latency (p10-p90 whiskers), CPUBone and peers, with the Pareto front."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    pts = [r for r in rows if r.get("top1") is not None]
+    for fam, color, marker in (("CPUBone", "tab:red", "o"), ("peer", "tab:blue", "s")):
+        sel = sorted((r for r in pts if r["family"] == fam), key=lambda r: r["median_ms"])
+        if not sel:
+            continue
+        x = [r["median_ms"] for r in sel]
+        y = [r["top1"] for r in sel]
+        err = [[r["median_ms"] - r["p10_ms"] for r in sel], [r["p90_ms"] - r["median_ms"] for r in sel]]
+        ax.errorbar(x, y, xerr=err, fmt=marker + ("-" if fam == "CPUBone" else ""), color=color, capsize=3,
+                    label="CPUBone" if fam == "CPUBone" else "peers (timm)")
+        for r in sel:
+            ax.annotate(r["model"], (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    front = pareto_front((r["median_ms"], r["top1"]) for r in pts)
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", ls="--", lw=1,
+                label="Pareto front")
+    ax.set_xlabel("batch-1 latency, median (ms)")
+    ax.set_ylabel("published ImageNet-1k top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+BENCH_COLUMNS = [
+    ("model", "model"), ("params", "params"), ("macs", "MACs"), ("median_ms", "median ms"), ("p10_ms", "p10 ms"),
+    ("p90_ms", "p90 ms"), ("gmacps", "GMAC/s"), ("peak_pct", "% of GEMM peak"), ("top1", "top-1 %"),
+    ("deploy_form", "reparam."),
+]
+
+
+def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
+    """bench.csv, bench.json, bench.md and bench.png of a :class:`~cpubone.analysis.bench.BenchResult`."""
+    out_dir = Path(out_dir)
+    rows = [r.to_dict() for r in result.rows]
+    m = result.machine
+    title = (f"{m.cpu}, {result.engine}, {result.threads} thread(s), batch 1, "
+             f"{result.size}x{result.size}, fp32")
+    files = {
+        "csv": write_csv(rows, out_dir / "bench.csv"),
+        "json": write_json(result.to_dict(), out_dir / "bench.json"),
+        "png": plot_pareto(rows, out_dir / "bench.png", title),
+    }
+    sources = sorted({(r["model"], r["top1_source"]) for r in rows if r["top1_source"]})
+    md = [
+        "# cpubone bench", "",
+        f"- machine: {m.header(result.threads)}",
+        f"- engine: {result.engine}; threads: {result.threads}; batch 1; input {result.size}x{result.size}; fp32; "
+        f"median of {result.runs} runs after {result.warmup} warm-up runs, in {result.rounds} interleaved rounds; "
+        "random weights",
+        f"- fp32 GEMM peak: {result.peak.gmacps:.1f} GMAC/s ({result.peak.method}, {result.peak.threads} thread(s))",
+        "", markdown_table(rows, BENCH_COLUMNS),
+        "MACs: `cpubone.analysis.macs.count_macs` (multiply-adds of convs, linears and attention matmuls). "
+        "GMAC/s = MACs / median latency. Reparameterizable models are timed in deploy form "
+        "(`timm.utils.reparameterize_model`). Read the latencies as ratios between models of this run.", "",
+        "Published top-1 sources:", "",
+        *[f"- {name}: {src}" for name, src in sources], "",
+        "![top-1 vs latency](bench.png)", "",
+    ]
+    files["md"] = out_dir / "bench.md"
+    _atomic_write_text(files["md"], "\n".join(md))
+    return {k: str(v) for k, v in files.items()}
+
+
+def plot_profile(kinds: Sequence[Dict[str, Any]], path: Path, title: str, peak_gmacps: Optional[float] = None) -> Path:
+    """Two bar charts per block kind: share of the time, and achieved GMAC/s (with the GEMM peak line)."""
+    plt = _pyplot()
+    labels = [k["kind"] for k in kinds]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(labels) + 1.8))
+    a1.barh(labels, [k["share_pct"] for k in kinds], color="tab:orange")
+    a1.set_xlabel("share of profiled time (%)")
+    a1.invert_yaxis()
+    a2.barh(labels, [k["gmacps"] or 0 for k in kinds], color="tab:green")
+    for i, k in enumerate(kinds):
+        if not k["gmacps"]:
+            a2.text(0.5, i, "no MACs", va="center", fontsize=8, color="gray")
+    if peak_gmacps:
+        a2.axvline(peak_gmacps, color="k", ls="--", lw=1, label=f"GEMM peak {peak_gmacps:.0f}")
+        a2.legend(fontsize=8)
+    a2.set_xlabel("GMAC/s")
+    a2.invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_blocks(records: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
+    """MACpS vs channel width: left, each block variant (2x2 solid, 3x3 dashed); right, groups 1/2/4/8 (3x3)."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = {"FuMBConv": "tab:blue", "GrFuMBConv": "tab:orange", "MBConv": "tab:green", "GrMBConv": "tab:red",
+              "DWConv": "tab:gray"}
+    for (variant, k), style in (((v, k), "-" if k == 2 else "--") for v in colors for k in (2, 3)):
+        sel = sorted((r for r in records if r["variant"] == variant and r["kernel"] == k), key=lambda r: r["width"])
+        if sel:
+            a1.plot([r["width"] for r in sel], [r["gmacps"] for r in sel], style, marker="o", ms=3,
+                    color=colors[variant], label=f"{variant} k{k}")
+    group_colors = dict(zip((1, 2, 4, 8), ("tab:blue", "tab:orange", "tab:purple", "tab:brown")))
+    for fam, marker, style in (("fused", "o", "-"), ("unfused", "s", ":")):
+        for g in sorted({r["groups"] for r in records if r["family"] == fam}):
+            sel = sorted((r for r in records if r["family"] == fam and r["groups"] == g and r["kernel"] == 3),
+                         key=lambda r: r["width"])
+            if sel:
+                a2.plot([r["width"] for r in sel], [r["gmacps"] for r in sel], style, marker=marker, ms=3,
+                        color=group_colors.get(g), label=f"{fam} k3 groups={g}")
+    for ax, t in ((a1, "MACpS by block (solid: 2x2, dashed: 3x3)"), (a2, "effect of expansion-conv groups (3x3)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("channels (spatial size as in the network)")
+        ax.set_ylabel("GMAC/s")
+        ax.set_title(t, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,92 @@
+"""``cpubone bench``, ``cpubone profile`` and ``cpubone blocks``: latency, MACs and MACpS on this CPU."""
+from __future__ import annotations
+
+import argparse
+
+
+def _engine_args(p: argparse.ArgumentParser, runs: int, warmup: int) -> None:
+    p.add_argument("--engine", choices=("onnxruntime", "eager"), default="onnxruntime",
+                   help="ONNX Runtime (default, the paper's CPU path) or PyTorch eager")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads, pinned (default 1)")
+    p.add_argument("--runs", type=int, default=runs, help=f"timed runs per measurement (default {runs})")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed warm-up runs (default {warmup})")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="batch-1 latency, MACs and MACpS of CPUBone vs peers on this CPU")
+    p.add_argument("models", nargs="*", help="CPUBone variants / timm models (default: CPUBone nano, t0, b0, b1 "
+                                             "and seven timm peers)")
+    _engine_args(p, runs=50, warmup=10)
+    p.add_argument("--size", type=int, default=224, help="input side S, S x S (default 224)")
+    p.add_argument("--channels-last", action="store_true", help="eager engine: channels_last memory format")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="time the models in this many interleaved rounds (default 5; 1 = one model after another)")
+    p.add_argument("--out", default="cpubone-bench", help="report directory (default ./cpubone-bench)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("profile", help="where a model's time goes: per block, block kind and op type")
+    p.add_argument("model", help="CPUBone variant or timm model")
+    _engine_args(p, runs=20, warmup=5)
+    p.add_argument("--size", type=int, default=224, help="input side S, S x S (default 224)")
+    p.add_argument("--out", default="cpubone-bench", help="report directory (default ./cpubone-bench)")
+    p.set_defaults(func=_profile)
+
+    p = sub.add_parser("blocks", help="the design-rule sweep: block variants x widths x kernels x groups")
+    _engine_args(p, runs=20, warmup=3)
+    p.add_argument("--quick", action="store_true", help="a tiny sweep (3 widths, groups 1 and 2)")
+    p.add_argument("--widths", type=int, nargs="+", default=None, help="channel widths to sweep")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds over all blocks (default 3)")
+    p.add_argument("--out", default="cpubone-bench", help="report directory (default ./cpubone-bench)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_blocks)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..analysis.bench import run_bench
+    from ._render import print_table
+
+    res = run_bench(args.models, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
+                    warmup=args.warmup, channels_last=args.channels_last, rounds=args.rounds, out_dir=args.out,
+                    progress=not args.no_progress)
+    print(res.machine.header(res.threads))
+    print(f"fp32 GEMM peak: {res.peak.gmacps:.1f} GMAC/s ({res.peak.method})")
+    print_table([dict(model=r.model, params=r.params, MACs=r.macs, median_ms=r.median_ms, p10_ms=r.p10_ms,
+                      p90_ms=r.p90_ms, GMACps=r.gmacps, peak_pct=r.peak_pct, top1=r.top1,
+                      reparam="yes" if r.deploy_form else "")
+                 for r in res.rows],
+                title=f"batch 1, {res.size}x{res.size}, {res.engine}, {res.threads} thread(s)")
+    print("written: " + ", ".join(res.files.values()))
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from ..analysis.profile import profile_model
+    from ._render import print_table
+
+    res = profile_model(args.model, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
+                        warmup=args.warmup, out_dir=args.out)
+    print(res.machine_header)
+    print_table(res.kinds, title=f"{res.model}: by block kind")
+    print_table(res.blocks, title="by block")
+    print_table(res.ops, title="by op type")
+    print(f"measured latency (harness, median): {res.measured_ms:.2f} ms; sum of profiled block times: "
+          f"{res.profiled_ms:.2f} ms")
+    print(f"predicted latency = sum MACs / MACpS: {res.predicted_ms:.2f} ms (blocks that do MACs, own MACpS); "
+          f"{res.floor_ms:.2f} ms at the GEMM peak of {res.peak_gmacps:.1f} GMAC/s")
+    print("written: " + ", ".join(res.files.values()))
+    return 0
+
+
+def _blocks(args: argparse.Namespace) -> int:
+    from ..analysis.blocks import run_block_sweep
+    from ._render import print_table
+
+    res = run_block_sweep(widths=args.widths, quick=args.quick, engine=args.engine, threads=args.threads,
+                          runs=args.runs, warmup=args.warmup, rounds=args.rounds, out_dir=args.out,
+                          progress=not args.no_progress)
+    print(res.machine_header)
+    print_table(res.preferred, title="fused vs unfused (groups 2) per kernel and width: the higher MACpS is preferred")
+    print_table(res.rules, title="design rules measured on this machine")
+    print("written: " + ", ".join(res.files.values()))
+    return 0

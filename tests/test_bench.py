@@ -1,0 +1,155 @@
+"""cpubone bench: MACpS arithmetic, ONNX export cache, engine agreement, report files, CLI errors."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cpubone import create_model
+from cpubone.analysis import bench
+from cpubone.analysis.latency import LatencyResult, ort_session, summarize_times, time_callable
+from cpubone.analysis.machine import isa_features, machine_info
+from cpubone.analysis.macs import count_macs, count_params
+from cpubone.analysis.report import pareto_front
+from cpubone.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPUBONE_CACHE_DIR", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+
+
+def test_macps_arithmetic():
+    lat = LatencyResult(median_ms=10.0, p10_ms=9.0, p90_ms=11.0, mean_ms=10.0, min_ms=9.0, runs=5, warmup=1,
+                        threads=1, engine="x")
+    assert lat.macps(500_000_000) == pytest.approx(50.0)  # 0.5 GMAC in 10 ms
+
+
+def test_interleaved_times_are_summarized_like_one_run():
+    calls = []
+    times = []
+    time_callable(lambda: calls.append(1), runs=4, warmup=2, times=times)
+    time_callable(lambda: calls.append(1), runs=3, warmup=0, times=times)
+    assert len(calls) == 9 and len(times) == 7
+    res = summarize_times([1.0, 2.0, 3.0, 4.0, 10.0], warmup=1, threads=2, engine="x")
+    assert (res.median_ms, res.min_ms, res.mean_ms, res.runs) == (3.0, 1.0, 4.0, 5)
+    assert res.p10_ms == pytest.approx(1.4) and res.p90_ms == pytest.approx(7.6)
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("CPUBONE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bench.cache_dir() == tmp_path / "xdg" / "cpubone"
+
+
+def test_isa_features_from_cpuinfo():
+    x86 = "processor : 0\nflags\t\t: fpu sse avx2 fma avx512f avx512_vnni\n"
+    assert isa_features(x86, "x86_64") == ["AVX2", "FMA", "AVX-512", "AVX512-VNNI"]
+    arm = "processor : 0\nFeatures\t: fp asimd evtstrm asimddp\n"
+    assert isa_features(arm, "aarch64") == ["NEON", "DOTPROD"]
+    assert isa_features("", "arm64") == ["NEON"]
+    info = machine_info()
+    assert info.cpu and info.usable_cpus >= 1 and "torch" in info.versions
+
+
+def test_published_top1_sources():
+    assert bench.published_top1("cpubone_b0")[0] == 77.6
+    top1, src = bench.published_top1("repvit_m1_1")
+    assert top1 == 79.4 and "RepViT" in src
+    assert bench.published_top1("resnet18") == (None, "")
+    # every default model has a published figure to plot
+    assert all(bench.published_top1(m)[0] is not None for m in bench.DEFAULT_MODELS)
+
+
+def test_pareto_front():
+    pts = [(5.0, 75.0), (3.0, 72.0), (4.0, 71.0), (10.0, 80.0), (12.0, 79.0)]
+    assert pareto_front(pts) == [(3.0, 72.0), (5.0, 75.0), (10.0, 80.0)]
+
+
+def test_reparameterizable_peers_in_deploy_form():
+    model, deployed = bench.build_model("repvit_m1_1")
+    assert deployed
+    # the train-time RepVGG depthwise branches (RepVggDw) are folded into plain convs
+    assert "RepVggDw" in {type(m).__name__ for m in create_model("repvit_m1_1").modules()}
+    assert "RepVggDw" not in {type(m).__name__ for m in model.modules()}
+    _, deployed = bench.build_model("mobilenetv3_large_100")
+    assert not deployed
+
+
+def test_onnx_export_cached_and_matches_pytorch():
+    model, _ = bench.build_model("cpubone_nano")
+    path = bench.onnx_export("cpubone_nano", model, 64)
+    assert path.parent.parent == bench.cache_dir()
+    mtime = path.stat().st_mtime_ns
+    # a fresh build is the same seeded network, so the cached file stands for it
+    again, _ = bench.build_model("cpubone_nano")
+    assert bench.onnx_export("cpubone_nano", again, 64) == path and path.stat().st_mtime_ns == mtime
+    assert bench.onnx_export("cpubone_nano", again, 96) != path
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = again(x).numpy()
+    out = ort_session(path).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_bench_rows_and_reports(tmp_path):
+    out = tmp_path / "out"
+    res = bench.run_bench(["cpubone_nano", "mobilenetv3_large_100"], size=64, runs=3, warmup=1, out_dir=out,
+                          progress=False)
+    assert [r.model for r in res.rows] == ["cpubone_nano", "mobilenetv3_large_100"]
+    nano = res.rows[0]
+    model = bench.build_model("cpubone_nano")[0]
+    assert nano.macs == count_macs(model, 64).total and nano.params == count_params(model)
+    assert nano.p10_ms <= nano.median_ms <= nano.p90_ms
+    assert nano.gmacps == pytest.approx(nano.macs / (nano.median_ms * 1e-3) / 1e9)
+    assert nano.peak_pct == pytest.approx(100 * nano.gmacps / res.peak.gmacps)
+    assert "MatMul 512x512x512" in res.peak.method and res.peak.threads == 1
+    assert res.peak.gmacps == pytest.approx(512 ** 3 / (res.peak.latency.median_ms * 1e-3) / 1e9)
+    # 3 runs in (at most) 3 interleaved rounds: every timed call is in the statistics
+    assert nano.latency.runs == 3 and res.rounds == 3
+    assert nano.family == "CPUBone" and res.rows[1].family == "peer" and nano.top1 == 72.67
+
+    with open(out / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["cpubone_nano", "mobilenetv3_large_100"]
+    assert float(rows[0]["median_ms"]) == pytest.approx(nano.median_ms) and int(rows[0]["macs"]) == nano.macs
+    data = json.loads((out / "bench.json").read_text())
+    assert data["batch_size"] == 1 and data["threads"] == 1 and data["size"] == 64
+    assert data["machine"]["cpu"] == res.machine.cpu and data["gemm_peak"]["gmacps"] > 0
+    assert len(data["rows"]) == 2 and data["rows"][1]["top1_source"]
+    md = (out / "bench.md").read_text()
+    assert "| model |" in md and "mobilenetv3_large_100" in md and res.machine.cpu in md
+    with Image.open(out / "bench.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_eager_engine_channels_last(tmp_path):
+    res = bench.run_bench(["cpubone_nano"], engine="eager", channels_last=True, size=64, runs=2, warmup=1,
+                          out_dir=None, progress=False)
+    assert res.engine == "eager-cl" and res.peak.engine == "eager" and res.rows[0].gmacps > 0
+    assert res.files == {}
+
+
+def test_cli_bench_writes_reports(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["bench", "cpubone_nano", "--size", "64", "--runs", "2", "--warmup", "1", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"bench.csv", "bench.json", "bench.md", "bench.png"}
+    assert "cpubone_nano" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["bench", "no_such_model"], "no_such_model"),
+    (["bench", "cpubone_nano", "--size", "16"], "size=16"),
+    (["bench", "cpubone_nano", "--threads", "0"], "threads=0"),
+    (["bench", "cpubone_nano", "--runs", "0"], "runs=0"),
+    (["bench", "cpubone_nano", "--channels-last"], "channels-last"),
+])
+def test_cli_bench_bad_input(args, needle, capsys, tmp_path):
+    assert main(args + ["--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cpubone bench: error:") and needle in err
