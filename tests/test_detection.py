@@ -85,7 +85,7 @@ def test_malformed_annotations_are_named(coco_root, tmp_path, edit, message):
     with pytest.raises(AnnotationError, match=message) as e:
         CocoDetection(root / "images" / "train", ann)
     assert "instances_train.json" in str(e.value)
-    if "annotation id" in str(e.value):
+    if "annotation id" in str(e.value) and "image_id" not in message:
         assert "annotation id 1" in str(e.value) and "000000.png" in str(e.value)
 
 
@@ -131,7 +131,7 @@ def test_perfect_detections_give_ap_one():
     results = [{"image_id": i, "category_id": c, "bbox": [x, y, w, h], "score": 0.9}
                for i, bs in enumerate(boxes, 1) for (x, y, w, h, c) in bs]
     m = coco_detection_metrics(coco, results)
-    assert m == {"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "APs": 1.0, "APm": 1.0, "APl": 1.0}
+    assert m == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "APs": 1.0, "APm": 1.0, "APl": 1.0})
 
 
 def test_partial_detections_give_hand_computed_ap():
@@ -176,22 +176,25 @@ def test_retinanet_levels_and_outputs(backbone):
     assert set(out[0]) == {"boxes", "scores", "labels"}
 
 
-def test_training_lowers_the_loss_and_raises_ap(coco_root, tmp_path):
-    """A short overfit on 12 images: the loss falls clearly and AP50 on those images beats the untrained model."""
-    cfg = DetectionTrainConfig(data=str(coco_root), output=str(tmp_path / "run"), backbone="cpubone_nano",
-                               val_split="train", fpn_channels=64, epochs=25, batch_size=12, lr=2e-3,
-                               warmup_iters=3, min_size=96, max_size=96, workers=0, eval_every=25, log_every=0)
+def test_training_lowers_the_loss_and_raises_ap(tmp_path):
+    """A short overfit on 8 images: the loss falls clearly and AP50 on those images beats the untrained model."""
+    write_synthetic_coco(tmp_path / "data", 8, size=128, num_classes=3, seed=0, split="train")
+    cfg = DetectionTrainConfig(data=str(tmp_path / "data"), output=str(tmp_path / "run"), backbone="cpubone_nano",
+                               val_split="train", fpn_channels=64, epochs=80, batch_size=8, lr=1e-3,
+                               warmup_iters=3, grad_clip=10.0, min_size=128, max_size=128, workers=0, eval_every=80,
+                               log_every=0)
     res = train_detection(cfg, log=lambda s: None)
     hist = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(hist) == 25
-    assert np.mean([h["loss"] for h in hist[-3:]]) < 0.6 * hist[0]["loss"]
-    untrained = create_retinanet("cpubone_nano", 3, fpn_channels=64, min_size=96, max_size=96)
-    ds = CocoDetection(coco_root / "images" / "train", coco_root / "annotations" / "instances_train.json",
+    assert len(hist) == 80
+    assert np.mean([h["loss"] for h in hist[-3:]]) < 0.5 * hist[0]["loss"]
+    torch.manual_seed(0)
+    untrained = create_retinanet("cpubone_nano", 3, fpn_channels=64, min_size=128, max_size=128)
+    ds = CocoDetection(tmp_path / "data" / "images" / "train", tmp_path / "data" / "annotations" / "instances_train.json",
                        transforms=detection_transforms(train=False))
     base = evaluate_detection(untrained, ds)["AP50"]
-    assert res["AP50"] > base + 0.2
+    assert res["AP50"] > base + 0.25
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert state["epoch"] == 25 and state["config"]["task"] == "detect"
+    assert state["epoch"] == 80 and state["config"]["task"] == "detect"
 
 
 # --- command line --------------------------------------------------------------------------------

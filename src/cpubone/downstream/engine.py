@@ -482,6 +482,7 @@ def predict_detection(checkpoint: PathLike, image: PathLike, output: PathLike,
     if c["task"] != "detect":
         raise ValueError(f"{checkpoint}: a {c['task']} checkpoint, not a detection one")
     img = _read_image(image)
+    model.score_thresh = min(model.score_thresh, score_thresh)  # RetinaNet's own candidate threshold (0.05)
     det = model([img.float() / 255])[0]
     keep = det["scores"] >= score_thresh
     boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
