@@ -244,6 +244,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
 
 # --- augmentations -----------------------------------------------------------------------------
+def photometric_distortion(p: float = 0.5):
+    """mmseg's PhotoMetricDistortion in v2 terms: brightness +-32/255, contrast and saturation x[0.5, 1.5],
+    hue +-0.05 (applied with probability ``p``). Unlike v2.RandomPhotometricDistort (SSD's), it never
+    permutes the colour channels, which would turn a red object into a blue one."""
+    from torchvision.transforms import v2
+
+    return v2.RandomApply([v2.ColorJitter(brightness=32 / 255, contrast=(0.5, 1.5), saturation=(0.5, 1.5),
+                                          hue=0.05)], p=p)
+
+
 def detection_transforms(train: bool, scale_jitter: Optional[Tuple[int, int]] = None, photometric: bool = True):
     """Images to float [0, 1]; training adds photometric distortion and horizontal flip (mmdet's 1x pipeline
     flips; resizing to ``min_size``/``max_size`` is done inside RetinaNet). ``scale_jitter`` = (min, max)
@@ -253,7 +263,7 @@ def detection_transforms(train: bool, scale_jitter: Optional[Tuple[int, int]] = 
     ops: List[Any] = []
     if train:
         if photometric:
-            ops.append(v2.RandomPhotometricDistort(p=0.5))
+            ops.append(photometric_distortion())
         if scale_jitter:
             ops.append(v2.RandomShortestSize(list(range(scale_jitter[0], scale_jitter[1] + 1, 32))))
         ops.append(v2.RandomHorizontalFlip())
@@ -282,7 +292,7 @@ def segmentation_transforms(train: bool, crop_size: int = 512, base_size: int = 
             v2.RandomHorizontalFlip(),
         ]
         if photometric:
-            ops.append(v2.RandomPhotometricDistort(p=0.5))
+            ops.append(photometric_distortion())
     else:
         ops.append(v2.Resize(base_size))
     ops.append(v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True))
