@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-size", type=int, help="shorter image side fed to the network (preset 800)")
     p.add_argument("--max-size", type=int, help="longer side limit (preset 1333)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm (preset: none for 1x, 35 for 1x-sgd)")
+    p.add_argument("--head-norm", action="store_true",
+                   help="GroupNorm in the RetinaNet towers (torchvision's v2 head; not the paper's)")
     p.set_defaults(func=_detect_train)
 
     p = dsub.add_parser("eval", help="COCO AP of a trained detector")
@@ -168,7 +171,7 @@ def _print_metrics(metrics: Dict[str, Any], as_json: bool, title: str) -> None:
 def _detect_train(args: argparse.Namespace) -> int:
     from ..downstream.engine import DetectionTrainConfig, train_detection
 
-    kw = _train_kwargs(args, _COMMON + ["epochs", "min_size", "max_size"])
+    kw = _train_kwargs(args, _COMMON + ["epochs", "min_size", "max_size", "grad_clip", "head_norm"])
     cfg = DetectionTrainConfig(val_split=_none(args.val_split), **kw)
     _print_metrics(train_detection(cfg), args.json, "final evaluation")
     return 0
