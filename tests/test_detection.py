@@ -18,7 +18,14 @@ from cpubone.downstream.detection import RetinaNetRaw, create_retinanet, retinan
 from cpubone.downstream.engine import DetectionTrainConfig, evaluate_detection, train_detection
 from cpubone.downstream.metrics import coco_detection_metrics
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread (the machine is shared; results are deterministic), restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +168,15 @@ def test_anchors_cover_five_levels():
     gen = retinanet_anchor_generator()
     assert gen.num_anchors_per_location() == [9] * 5
     assert [round(s[0]) for s in gen.sizes] == [32, 64, 128, 256, 512]
+
+
+def test_backbone_levels_are_chosen_by_stride():
+    from cpubone.downstream.backbone import create_feature_backbone
+
+    mnv3 = create_feature_backbone("mobilenetv3_small_050", strides=(8, 16, 32))  # its index 0 is stride 2
+    assert mnv3.feature_info.reduction() == [8, 16, 32] and len(mnv3(torch.rand(1, 3, 64, 64))) == 3
+    with pytest.raises(ValueError, match=r"strides \[2\] are not available"):
+        create_feature_backbone("cpubone_nano", strides=(2, 4))
 
 
 @pytest.mark.parametrize("backbone", ["cpubone_nano", "mobilenetv3_small_050"])

@@ -18,7 +18,14 @@ from cpubone.downstream.engine import SegmentationTrainConfig, evaluate_segmenta
 from cpubone.downstream.metrics import ConfusionMatrix
 from cpubone.downstream.segmentation import create_semantic_fpn
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread (the machine is shared; results are deterministic), restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
