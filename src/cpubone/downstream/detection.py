@@ -6,7 +6,7 @@ builds the backbone/FPN it runs on, the 5-level anchor generator, and the traini
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
