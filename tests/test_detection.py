@@ -243,3 +243,19 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert main(["detect", "train", "--data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "instances_train.json" in capsys.readouterr().err
+
+
+def test_resume_continues_the_schedule(coco_root, tmp_path):
+    """Resuming from last.pt restores weights, optimizer, scheduler and progress: 2 + 1 epochs = 3 epochs."""
+    common = dict(data=str(coco_root), output=str(tmp_path / "run"), backbone="cpubone_nano", val_split=None,
+                  fpn_channels=32, batch_size=6, lr=1e-3, warmup_iters=1, min_size=96, max_size=96, workers=0,
+                  log_every=0)
+    train_detection(DetectionTrainConfig(epochs=2, **common), log=lambda s: None)
+    first = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert first["epoch"] == 2 and first["step"] == 4
+    logs = []
+    train_detection(DetectionTrainConfig(epochs=3, resume=str(tmp_path / "run" / "last.pt"), **common), log=logs.append)
+    assert "resumed from" in logs[0] and "at epoch 2, step 4" in logs[0]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["step"] == 6 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert not list((tmp_path / "run").glob("*.tmp"))  # atomic writes leave no temp files
