@@ -183,7 +183,6 @@ def test_training_lowers_the_loss_and_raises_miou(ade_root, tmp_path):
     untrained = create_semantic_fpn("cpubone_nano", 4, fpn_channels=32, channels=32)
     base = evaluate_segmentation(untrained, SegmentationFolder(ade_root, "training", 4), base_size=64)["mIoU"]
     assert res["mIoU"] > base + 0.2
-    # resuming at the end is a no-op that keeps the state
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["step"] == 120 and state["config"]["task"] == "segment"
 
