@@ -39,8 +39,8 @@ class DetectionPreset:
 
 
 DETECTION_PRESETS: Dict[str, DetectionPreset] = {
-    # the 1x schedule as efficient-backbone papers run RetinaNet (PVT, LowFormer - the CPUBone authors' previous
-    # work): 12 epochs, batch 16, AdamW lr 1e-4 wd 1e-4, x0.1 after epochs 8 and 11, 500-iter linear warmup,
+    # the 1x schedule as backbone papers since PVT run RetinaNet with AdamW (the CPUBone paper names only
+    # "12 epochs, 1x"): 12 epochs, batch 16, AdamW lr 1e-4 wd 1e-4, x0.1 after epochs 8 and 11, 500-iter linear warmup,
     # images resized to shorter side 800 (longer <= 1333)
     "1x": DetectionPreset(epochs=12, batch_size=16, opt="adamw", lr=1e-4, weight_decay=1e-4),
     # mmdet's original retinanet_r50_fpn_1x: the same schedule with SGD lr 0.01, momentum 0.9, wd 1e-4, grad clip 35
