@@ -1,0 +1,287 @@
+"""``cpubone detect ...`` (RetinaNet) and ``cpubone segment ...`` (Semantic FPN)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List
+
+
+def _pretrained(value: str):
+    return True if value in ("true", "hub", "1") else value
+
+
+def _common_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--output", required=True, help="folder for last.pt, model.pt and metrics.jsonl")
+    p.add_argument("--backbone", default="cpubone_b0", help="CPUBone variant or any timm model (default cpubone_b0)")
+    p.add_argument("--pretrained-backbone", type=_pretrained, nargs="?", const=True, default=False, metavar="PATH",
+                   help="start the backbone from ImageNet weights: alone for the hub weights, or a checkpoint path")
+    p.add_argument("--fpn-channels", type=int, default=256, help="FPN width (default 256, the paper's)")
+    p.add_argument("--batch-size", type=int, help="images per step (preset: 16 detect, 32 segment)")
+    p.add_argument("--opt", help="optimizer name for timm.optim.create_optimizer_v2 (preset: adamw)")
+    p.add_argument("--lr", type=float, help="peak learning rate (preset's otherwise)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-iters", type=int, help="linear warmup iterations")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, help="print the running loss every N iterations")
+    p.add_argument("--resume", help="continue from a last.pt")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+
+
+def _common_bench(p: argparse.ArgumentParser, classes: int) -> None:
+    from ..downstream.bench import DEFAULT_PEERS
+
+    p.add_argument("--backbones", nargs="+", default=list(DEFAULT_PEERS),
+                   help=f"backbones to compare with the same head (default: {' '.join(DEFAULT_PEERS)})")
+    p.add_argument("--size", type=int, default=512, help="square input side (default 512)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs (median reported)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--num-classes", type=int, default=classes)
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column")
+    p.add_argument("--json", action="store_true")
+
+
+def _common_synth(p: argparse.ArgumentParser, train: str, val: str) -> None:
+    p.add_argument("output", help="dataset root to write")
+    p.add_argument("--train-images", type=int, default=200)
+    p.add_argument("--val-images", type=int, default=50)
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--classes", type=int, default=3, help="shape classes, 1-6 (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(train_split=train, val_split=val)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..downstream.detection import DETECTION_PRESETS
+    from ..downstream.segmentation import SEGMENTATION_PRESETS
+
+    det = sub.add_parser("detect", help="RetinaNet object detection on a CPUBone (or timm) backbone")
+    dsub = det.add_subparsers(dest="action", metavar="ACTION")
+    dsub.required = True
+
+    p = dsub.add_parser("train", help="train RetinaNet on COCO-format data")
+    _common_train(p)
+    p.add_argument("--preset", default="1x", choices=sorted(DETECTION_PRESETS), help="schedule (default 1x: 12 epochs)")
+    p.add_argument("--train-split", default="train", help="annotations/instances_<split>.json (default train)")
+    p.add_argument("--val-split", default="val", help="evaluation split; 'none' to skip (default val)")
+    p.add_argument("--epochs", type=int, help="epochs (preset: 12); the lr steps keep their relative place")
+    p.add_argument("--min-size", type=int, help="shorter image side fed to the network (preset 800)")
+    p.add_argument("--max-size", type=int, help="longer side limit (preset 1333)")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm (preset: none for 1x, 35 for 1x-sgd)")
+    p.add_argument("--head-norm", action="store_true",
+                   help="GroupNorm in the RetinaNet towers (torchvision's v2 head; not the paper's)")
+    p.set_defaults(func=_detect_train)
+
+    p = dsub.add_parser("eval", help="COCO AP of a trained detector")
+    p.add_argument("checkpoint", help="model.pt or last.pt from detect train")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_detect_eval)
+
+    p = dsub.add_parser("predict", help="detect objects in one image; writes a PNG with the boxes drawn")
+    p.add_argument("checkpoint")
+    p.add_argument("image")
+    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_detect_predict)
+
+    p = dsub.add_parser("bench", help="batch-1 CPU latency of RetinaNet on CPUBone and peer backbones")
+    _common_bench(p, 80)
+    p.set_defaults(func=_detect_bench)
+
+    p = dsub.add_parser("make-synthetic", help="write a synthetic COCO-format shapes dataset")
+    _common_synth(p, "train", "val")
+    p.set_defaults(func=_detect_synth)
+
+    seg = sub.add_parser("segment", help="Semantic FPN segmentation on a CPUBone (or timm) backbone")
+    ssub = seg.add_subparsers(dest="action", metavar="ACTION")
+    ssub.required = True
+
+    p = ssub.add_parser("train", help="train Semantic FPN on ADE20K-format data")
+    _common_train(p)
+    p.add_argument("--preset", default="ade20k-40k", choices=sorted(SEGMENTATION_PRESETS))
+    p.add_argument("--num-classes", type=int, default=150, help="classes after label reduction (ADE20K: 150)")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=True,
+                   help="label 0 is 'other' and ignored (ADE20K; default on)")
+    p.add_argument("--train-split", default="training")
+    p.add_argument("--val-split", default="validation", help="'none' to skip evaluation")
+    p.add_argument("--iters", type=int, help="iterations (preset 40000)")
+    p.add_argument("--crop-size", type=int, help="square training crop (preset 512)")
+    p.add_argument("--base-size", type=int, help="shorter side before the random rescale / at evaluation (preset 512)")
+    p.add_argument("--head-channels", type=int, default=128, help="semantic branch width (default 128)")
+    p.add_argument("--eval-every", type=int, default=4000, help="evaluate and checkpoint every N iterations")
+    p.set_defaults(func=_segment_train)
+
+    p = ssub.add_parser("eval", help="mIoU, per-class IoU and pixel accuracy of a trained segmenter")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="validation")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_segment_eval)
+
+    p = ssub.add_parser("predict", help="segment one image; writes a PNG with the coloured mask overlaid")
+    p.add_argument("checkpoint")
+    p.add_argument("image")
+    p.add_argument("--output", required=True)
+    p.add_argument("--alpha", type=float, default=0.5, help="mask opacity")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_segment_predict)
+
+    p = ssub.add_parser("bench", help="batch-1 CPU latency of Semantic FPN on CPUBone and peer backbones")
+    _common_bench(p, 150)
+    p.set_defaults(func=_segment_bench)
+
+    p = ssub.add_parser("make-synthetic", help="write a synthetic ADE20K-format shapes dataset")
+    _common_synth(p, "training", "validation")
+    p.set_defaults(func=_segment_synth)
+
+
+def _none(split: str):
+    return None if split.lower() == "none" else split
+
+
+def _train_kwargs(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
+    kw = {k: getattr(args, k) for k in names}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+_COMMON = ["data", "output", "backbone", "pretrained_backbone", "fpn_channels", "batch_size", "opt", "lr",
+           "weight_decay", "warmup_iters", "workers", "seed", "log_every", "resume", "preset", "train_split",
+           "eval_every"]
+
+
+def _print_metrics(metrics: Dict[str, Any], as_json: bool, title: str) -> None:
+    from ._render import print_json, print_table
+
+    if as_json:
+        print_json(metrics)
+        return
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    print_table([flat], title=title)
+    if isinstance(metrics.get("IoU"), list):
+        names = metrics.get("classes") or [str(i) for i in range(len(metrics["IoU"]))]
+        print_table([{"class": n, "IoU": v} for n, v in zip(names, metrics["IoU"])], title="per-class IoU")
+
+
+def _detect_train(args: argparse.Namespace) -> int:
+    from ..downstream.engine import DetectionTrainConfig, train_detection
+
+    kw = _train_kwargs(args, _COMMON + ["epochs", "min_size", "max_size", "grad_clip", "head_norm"])
+    cfg = DetectionTrainConfig(val_split=_none(args.val_split), **kw)
+    _print_metrics(train_detection(cfg), args.json, "final evaluation")
+    return 0
+
+
+def _detect_eval(args: argparse.Namespace) -> int:
+    from ..downstream.datasets import CocoDetection, detection_transforms
+    from ..downstream.engine import coco_split, evaluate_detection, load_downstream_model
+
+    model, cfg = load_downstream_model(args.checkpoint)
+    if cfg["task"] != "detect":
+        raise ValueError(f"{args.checkpoint}: a {cfg['task']} checkpoint; use 'cpubone segment eval'")
+    images, ann = coco_split(args.data, args.split)
+    ds = CocoDetection(images, ann, transforms=detection_transforms(train=False))
+    if ds.cat_ids != cfg["cat_ids"]:
+        raise ValueError(f"{ann}: categories {ds.cat_ids} differ from the model's {cfg['cat_ids']}")
+    _print_metrics(evaluate_detection(model, ds, batch_size=args.batch_size), args.json,
+                   f"{cfg['backbone']} RetinaNet on {ann}")
+    return 0
+
+
+def _detect_predict(args: argparse.Namespace) -> int:
+    from ..downstream.engine import predict_detection
+    from ._render import print_json, print_table
+
+    dets = predict_detection(args.checkpoint, args.image, args.output, args.score_thresh)
+    if args.json:
+        print_json(dets)
+    else:
+        print_table(dets, title=f"{len(dets)} detections -> {args.output}")
+    return 0
+
+
+def _print_bench(result: Dict[str, Any], as_json: bool) -> None:
+    from ._render import print_json, print_table
+
+    if as_json:
+        print_json(result)
+        return
+    print_table(result["rows"], title=f"{result['task']} at {result['size']}x{result['size']}, batch 1, "
+                                      f"{result['threads']} thread(s), median of {result['runs']} runs (ms)")
+    print(f"machine: {result['machine']}; torch {result['torch']}")
+
+
+def _detect_bench(args: argparse.Namespace) -> int:
+    from ..downstream.bench import bench_detection
+
+    _print_bench(bench_detection(args.backbones, args.size, args.threads, args.runs, args.warmup, args.num_classes,
+                                 not args.no_onnx), args.json)
+    return 0
+
+
+def _detect_synth(args: argparse.Namespace) -> int:
+    from ..downstream.datasets import write_synthetic_coco
+
+    for split, n, seed in ((args.train_split, args.train_images, args.seed), (args.val_split, args.val_images, args.seed + 1)):
+        if n:
+            print(write_synthetic_coco(args.output, n, args.size, args.classes, seed=seed, split=split))
+    return 0
+
+
+def _segment_train(args: argparse.Namespace) -> int:
+    from ..downstream.engine import SegmentationTrainConfig, train_segmentation
+
+    kw = _train_kwargs(args, _COMMON + ["num_classes", "reduce_zero_label", "iters", "crop_size", "base_size",
+                                        "head_channels"])
+    cfg = SegmentationTrainConfig(val_split=_none(args.val_split), **kw)
+    _print_metrics(train_segmentation(cfg), args.json, "final evaluation")
+    return 0
+
+
+def _segment_eval(args: argparse.Namespace) -> int:
+    from ..downstream.datasets import SegmentationFolder
+    from ..downstream.engine import evaluate_segmentation, load_downstream_model
+
+    model, cfg = load_downstream_model(args.checkpoint)
+    if cfg["task"] != "segment":
+        raise ValueError(f"{args.checkpoint}: a {cfg['task']} checkpoint; use 'cpubone detect eval'")
+    ds = SegmentationFolder(args.data, args.split, cfg["num_classes"], cfg["reduce_zero_label"])
+    metrics = evaluate_segmentation(model, ds, base_size=cfg["base_size"])
+    metrics["classes"] = cfg.get("classes")
+    _print_metrics(metrics, args.json, f"{cfg['backbone']} Semantic FPN on {ds.image_dir}")
+    return 0
+
+
+def _segment_predict(args: argparse.Namespace) -> int:
+    from ..downstream.engine import predict_segmentation
+    from ._render import print_json, print_table
+
+    shares = predict_segmentation(args.checkpoint, args.image, args.output, args.alpha)
+    if args.json:
+        print_json(shares)
+    else:
+        print_table([{"class": k, "pixel share": v} for k, v in shares.items()], title=f"-> {args.output}")
+    return 0
+
+
+def _segment_bench(args: argparse.Namespace) -> int:
+    from ..downstream.bench import bench_segmentation
+
+    _print_bench(bench_segmentation(args.backbones, args.size, args.threads, args.runs, args.warmup,
+                                    args.num_classes, not args.no_onnx), args.json)
+    return 0
+
+
+def _segment_synth(args: argparse.Namespace) -> int:
+    from ..downstream.datasets import write_synthetic_ade
+
+    for split, n, seed in ((args.train_split, args.train_images, args.seed), (args.val_split, args.val_images, args.seed + 1)):
+        if n:
+            write_synthetic_ade(args.output, n, args.size, args.classes, seed=seed, split=split)
+    print(args.output)
+    return 0

@@ -1,0 +1,511 @@
+"""Training, evaluation and prediction for RetinaNet detection and Semantic FPN segmentation.
+
+Kept small on purpose: timm's optimizer factory (``create_optimizer_v2``, no weight decay on norms and
+biases) and schedulers (``MultiStepLRScheduler`` for the 1x schedule, ``PolyLRScheduler`` for 40k
+iterations), per-iteration lr updates, and one checkpoint file rewritten atomically (temp file +
+``os.replace``) holding model, optimizer, scheduler, progress and the config needed to rebuild the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .datasets import (AnnotationError, CocoDetection, SegmentationFolder, collate_skip, detection_transforms,
+                       segmentation_transforms, IGNORE_INDEX)
+from .detection import DETECTION_PRESETS, create_retinanet
+from .metrics import ConfusionMatrix, coco_detection_metrics, detections_to_coco
+from .segmentation import SEGMENTATION_PRESETS, create_semantic_fpn
+
+__all__ = [
+    "DetectionTrainConfig", "SegmentationTrainConfig", "coco_split", "train_detection", "evaluate_detection",
+    "train_segmentation", "evaluate_segmentation", "load_downstream_model", "predict_detection",
+    "predict_segmentation", "save_checkpoint",
+]
+
+PathLike = Union[str, os.PathLike]
+Log = Callable[[str], None]
+
+
+# --- configs ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DetectionTrainConfig:
+    """RetinaNet training. Fields left None take the preset's value (``DETECTION_PRESETS``)."""
+
+    data: str
+    output: str
+    backbone: str = "cpubone_b0"
+    preset: str = "1x"
+    train_split: str = "train"
+    val_split: Optional[str] = "val"
+    pretrained_backbone: Union[bool, str] = False
+    fpn_channels: int = 256  # FPN and head width
+    head_norm: bool = False  # GroupNorm in the head (torchvision RetinaNet v2)
+    grad_clip: Optional[float] = None  # max gradient norm (preset's otherwise)
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    opt: Optional[str] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup_iters: Optional[int] = None
+    min_size: Optional[int] = None
+    max_size: Optional[int] = None
+    workers: int = 2
+    seed: int = 0
+    eval_every: int = 1  # epochs
+    log_every: int = 20  # iterations
+    resume: Optional[str] = None
+
+
+@dataclasses.dataclass
+class SegmentationTrainConfig:
+    """Semantic FPN training. Fields left None take the preset's value (``SEGMENTATION_PRESETS``)."""
+
+    data: str
+    output: str
+    num_classes: int = 150
+    reduce_zero_label: bool = True
+    backbone: str = "cpubone_b0"
+    preset: str = "ade20k-40k"
+    train_split: str = "training"
+    val_split: Optional[str] = "validation"
+    pretrained_backbone: Union[bool, str] = False
+    fpn_channels: int = 256  # FPN width
+    head_channels: int = 128  # semantic-branch width
+    iters: Optional[int] = None
+    batch_size: Optional[int] = None
+    crop_size: Optional[int] = None
+    base_size: Optional[int] = None
+    opt: Optional[str] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup_iters: Optional[int] = None
+    workers: int = 2
+    seed: int = 0
+    eval_every: int = 4000  # iterations
+    log_every: int = 50
+    resume: Optional[str] = None
+
+
+def _resolve(cfg: Any, preset: Any) -> Dict[str, Any]:
+    """The config as a plain dict, None fields filled from the preset (stored in checkpoints)."""
+    out = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(preset):
+        if out.get(f.name) is None:
+            out[f.name] = getattr(preset, f.name)
+    for k, v in out.items():
+        if isinstance(v, tuple):
+            out[k] = list(v)
+    return out
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
+    """``torch.save`` to a temp file then ``os.replace``: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    from ..models.checkpoints import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        # weights_only: tensors and plain containers only, no pickled code is run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint safely (corrupt, or holds pickled objects): {e}") from e
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path}: not a cpubone detect/segment checkpoint (needs 'model' and 'config')")
+    return state
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9):
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"momentum": momentum} if opt.lower() in ("sgd", "momentum", "nesterov") else {}
+    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def _loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, drop_last: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       collate_fn=collate_skip, generator=g, drop_last=drop_last,
+                                       persistent_workers=False)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _lr(optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]
+
+
+# --- detection ----------------------------------------------------------------------------------
+def coco_split(root: PathLike, split: str) -> Tuple[Path, Path]:
+    """(image folder, instances JSON) of a COCO-layout split: ``root/images/<split>`` (or ``root/<split>``, as
+    COCO ships ``train2017/``) and ``root/annotations/instances_<split>.json``."""
+    root = Path(root)
+    ann = root / "annotations" / f"instances_{split}.json"
+    images = root / "images" / split
+    if not images.is_dir():
+        images = root / split
+    if not ann.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann} (COCO layout: annotations/instances_<split>.json)")
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root / 'images' / split} or {root / split}")
+    return images, ann
+
+
+def train_detection(cfg: DetectionTrainConfig, log: Log = print) -> Dict[str, Any]:
+    """Train RetinaNet; returns the final validation metrics (COCO AP...) and where the checkpoint is.
+
+    Writes ``<output>/last.pt`` (resumable training state) after every epoch, ``metrics.jsonl`` (one line per
+    evaluation) and ``model.pt`` (weights + config) at the end.
+    """
+    if cfg.preset not in DETECTION_PRESETS:
+        raise ValueError(f"unknown detection preset {cfg.preset!r}; choose from {sorted(DETECTION_PRESETS)}")
+    c = _resolve(cfg, DETECTION_PRESETS[cfg.preset])
+    _seed(c["seed"])
+    out = Path(c["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    img_dir, ann = coco_split(c["data"], c["train_split"])
+    train_ds = CocoDetection(img_dir, ann, transforms=detection_transforms(train=True))
+    val_ds = None
+    if c["val_split"]:
+        v_img, v_ann = coco_split(c["data"], c["val_split"])
+        val_ds = CocoDetection(v_img, v_ann, transforms=detection_transforms(train=False))
+        if val_ds.cat_ids != train_ds.cat_ids:
+            raise AnnotationError(f"{v_ann}: categories {val_ds.cat_ids} differ from the training set's {train_ds.cat_ids}")
+    c["num_classes"], c["classes"], c["cat_ids"] = len(train_ds.cat_ids), train_ds.classes, train_ds.cat_ids
+    model = create_retinanet(c["backbone"], c["num_classes"], pretrained_backbone=c["pretrained_backbone"],
+                             fpn_channels=c["fpn_channels"], head_norm=c["head_norm"], min_size=c["min_size"],
+                             max_size=c["max_size"])
+    loader = _loader(train_ds, c["batch_size"], True, c["workers"], c["seed"], drop_last=len(train_ds) > c["batch_size"])
+    iters_per_epoch = len(loader)
+    optimizer = _optimizer(model, c["opt"], c["lr"], c["weight_decay"], c["momentum"])
+    from timm.scheduler import MultiStepLRScheduler
+
+    # the decay points keep their place in the schedule when --epochs shortens or stretches it (8/12, 11/12)
+    scale = c["epochs"] / DETECTION_PRESETS[cfg.preset].epochs
+    scheduler = MultiStepLRScheduler(optimizer, decay_t=[round(e * scale * iters_per_epoch) for e in c["decay_epochs"]],
+                                     decay_rate=c["decay_rate"], warmup_t=c["warmup_iters"],
+                                     warmup_lr_init=c["lr"] * c["warmup_ratio"], t_in_epochs=False)
+    start_epoch, step, history = 0, 0, []
+    if c["resume"]:
+        state = _read_checkpoint(c["resume"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, history = state["epoch"], state["step"], state.get("history", [])
+        log(f"resumed from {c['resume']} at epoch {start_epoch}, step {step}")
+    log(f"RetinaNet on {c['backbone']}: {len(train_ds)} training images, {c['num_classes']} classes, "
+        f"{c['epochs']} epochs x {iters_per_epoch} iterations, {c['opt']} lr {c['lr']}")
+    skipped, metrics = 0, {}
+    for epoch in range(start_epoch, c["epochs"]):
+        model.train()
+        t0, running = time.time(), []
+        for images, targets, n_skip in loader:
+            skipped += n_skip
+            if not images:
+                continue
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} })")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if c["grad_clip"]:
+                nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            running.append(loss.item())
+            if c["log_every"] and step % c["log_every"] == 0:
+                log(f"epoch {epoch + 1} step {step}: loss {np.mean(running[-c['log_every']:]):.4f} "
+                    f"(cls {losses['classification'].item():.4f}, box {losses['bbox_regression'].item():.4f}) "
+                    f"lr {_lr(optimizer):.2e}")
+        entry: Dict[str, Any] = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(running)) if running else None,
+                                 "seconds": round(time.time() - t0, 1), "skipped_images": skipped}
+        if val_ds is not None and ((epoch + 1) % c["eval_every"] == 0 or epoch + 1 == c["epochs"]):
+            metrics = evaluate_detection(model, val_ds, batch_size=max(1, c["batch_size"] // 2), workers=c["workers"])
+            entry.update(metrics)
+        history.append(entry)
+        log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+                         "history": history, "config": dict(c, task="detect")}, out / "last.pt")
+    save_checkpoint({"model": model.state_dict(), "config": dict(c, task="detect"), "metrics": metrics},
+                    out / "model.pt")
+    return {"checkpoint": str(out / "model.pt"), "skipped_images": skipped, **metrics}
+
+
+@torch.no_grad()
+def evaluate_detection(model: nn.Module, dataset: CocoDetection, batch_size: int = 4,
+                       workers: int = 0) -> Dict[str, Any]:
+    """COCO box metrics of ``model`` on ``dataset`` (AP, AP50, AP75, APs, APm, APl) plus the skipped-image count.
+
+    Unreadable images are left out of the evaluation (and counted), not scored as misses.
+    """
+    was_training = model.training
+    model.eval()
+    results: List[Dict[str, Any]] = []
+    seen: List[int] = []
+    skipped = 0
+    for images, targets, n_skip in _loader(dataset, batch_size, False, workers, 0):
+        skipped += n_skip
+        if not images:
+            continue
+        for det, t in zip(model(images), targets):
+            img_id = int(t["image_id"])
+            seen.append(img_id)
+            results += detections_to_coco(img_id, det["boxes"], det["scores"], det["labels"], dataset.cat_ids)
+    model.train(was_training)
+    if not seen:
+        raise AnnotationError(f"{dataset.ann_file}: no readable images to evaluate ({skipped} skipped)")
+    return {**coco_detection_metrics(dataset.coco, results, image_ids=seen), "images": len(seen),
+            "skipped_images": skipped}
+
+
+# --- segmentation -------------------------------------------------------------------------------
+def _forever(loader) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def train_segmentation(cfg: SegmentationTrainConfig, log: Log = print) -> Dict[str, Any]:
+    """Train Semantic FPN; returns the final validation metrics (mIoU, aAcc, mAcc, per-class IoU).
+
+    Writes ``<output>/last.pt`` (resumable) every ``eval_every`` iterations and at the end, ``metrics.jsonl``
+    and ``model.pt`` (weights + config).
+    """
+    if cfg.preset not in SEGMENTATION_PRESETS:
+        raise ValueError(f"unknown segmentation preset {cfg.preset!r}; choose from {sorted(SEGMENTATION_PRESETS)}")
+    c = _resolve(cfg, SEGMENTATION_PRESETS[cfg.preset])
+    _seed(c["seed"])
+    out = Path(c["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    train_ds = SegmentationFolder(c["data"], c["train_split"], c["num_classes"], c["reduce_zero_label"],
+                                  transforms=segmentation_transforms(True, c["crop_size"], c["base_size"],
+                                                                     tuple(c["ratio_range"])))
+    val_ds = (SegmentationFolder(c["data"], c["val_split"], c["num_classes"], c["reduce_zero_label"])
+              if c["val_split"] else None)
+    classes_file = Path(c["data"]) / "classes.json"
+    c["classes"] = (json.loads(classes_file.read_text())[1 if c["reduce_zero_label"] else 0:]
+                    if classes_file.is_file() else [str(i) for i in range(c["num_classes"])])
+    model = create_semantic_fpn(c["backbone"], c["num_classes"], pretrained_backbone=c["pretrained_backbone"],
+                                fpn_channels=c["fpn_channels"], channels=c["head_channels"])
+    optimizer = _optimizer(model, c["opt"], c["lr"], c["weight_decay"])
+    from timm.scheduler import PolyLRScheduler
+
+    scheduler = PolyLRScheduler(optimizer, t_initial=c["iters"], power=c["poly_power"], lr_min=0.0,
+                                warmup_t=c["warmup_iters"], warmup_lr_init=c["lr"] * 1e-3, t_in_epochs=False)
+    step, history = 0, []
+    if c["resume"]:
+        state = _read_checkpoint(c["resume"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = state["step"], state.get("history", [])
+        log(f"resumed from {c['resume']} at iteration {step}")
+    loader = _loader(train_ds, c["batch_size"], True, c["workers"], c["seed"] + step,
+                     drop_last=len(train_ds) > c["batch_size"])
+    log(f"Semantic FPN on {c['backbone']}: {len(train_ds)} training images, {c['num_classes']} classes, "
+        f"{c['iters']} iterations of batch {c['batch_size']} at {c['crop_size']}px, {c['opt']} lr {c['lr']}")
+    model.train()
+    skipped, running, metrics, t0 = 0, [], {}, time.time()
+    batches = _forever(loader)
+    while step < c["iters"]:
+        images, masks, n_skip = next(batches)
+        skipped += n_skip
+        if not images:
+            continue
+        logits = model(torch.stack(images))
+        loss = F.cross_entropy(logits, torch.stack(masks), ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"iteration {step}: loss is {loss.item()} (a batch with only ignored pixels?)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        scheduler.step_update(step)
+        running.append(loss.item())
+        if c["log_every"] and step % c["log_every"] == 0:
+            log(f"iter {step}: loss {np.mean(running[-c['log_every']:]):.4f} lr {_lr(optimizer):.2e}")
+        if step % c["eval_every"] == 0 or step == c["iters"]:
+            entry: Dict[str, Any] = {"step": step, "loss": float(np.mean(running)), "seconds": round(time.time() - t0, 1),
+                                     "skipped_images": skipped}
+            running = []
+            if val_ds is not None:
+                metrics = evaluate_segmentation(model, val_ds, base_size=c["base_size"])
+                entry.update({k: v for k, v in metrics.items() if k != "IoU"})
+                model.train()
+            history.append(entry)
+            log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "step": step, "history": history,
+                             "config": dict(c, task="segment")}, out / "last.pt")
+    save_checkpoint({"model": model.state_dict(), "config": dict(c, task="segment"), "metrics": metrics},
+                    out / "model.pt")
+    return {"checkpoint": str(out / "model.pt"), "skipped_images": skipped, **metrics}
+
+
+def _resize_short(x: torch.Tensor, base_size: Optional[int]) -> torch.Tensor:
+    if not base_size:
+        return x
+    h, w = x.shape[-2:]
+    s = base_size / min(h, w)
+    if s == 1:
+        return x
+    return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                         align_corners=False, antialias=s < 1)
+
+
+@torch.no_grad()
+def segment_image(model: nn.Module, image: torch.Tensor, base_size: Optional[int] = None) -> torch.Tensor:
+    """Label map (H, W) of one float image (3, H, W) in [0, 1]: run at shorter side ``base_size``, logits
+    resized back to the image's own size (mmseg's 'whole' inference)."""
+    logits = model(_resize_short(image[None], base_size))
+    logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return logits[0].argmax(0)
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, dataset: SegmentationFolder,
+                          base_size: Optional[int] = None) -> Dict[str, Any]:
+    """mIoU, aAcc, mAcc and per-class IoU of ``model`` on ``dataset`` against the original-size masks."""
+    if dataset.transforms is not None:
+        raise ValueError("evaluate_segmentation needs a dataset without transforms (it compares at the original size)")
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+    skipped = 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item is None:
+            skipped += 1
+            continue
+        image, mask = item
+        cm.update(segment_image(model, image.float() / 255, base_size), mask)
+    model.train(was_training)
+    return {**cm.compute(), "images": len(dataset) - skipped, "skipped_images": skipped}
+
+
+# --- loading and prediction ---------------------------------------------------------------------
+def load_downstream_model(path: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a trained detector or segmenter from a ``cpubone detect/segment train`` checkpoint (eval mode)."""
+    from ..models.checkpoints import CheckpointError
+
+    state = _read_checkpoint(path)
+    c = state["config"]
+    if c.get("task") == "detect":
+        model = create_retinanet(c["backbone"], c["num_classes"], fpn_channels=c["fpn_channels"],
+                                 head_norm=c.get("head_norm", False), min_size=c["min_size"], max_size=c["max_size"])
+    elif c.get("task") == "segment":
+        model = create_semantic_fpn(c["backbone"], c["num_classes"], fpn_channels=c["fpn_channels"],
+                                    channels=c["head_channels"])
+    else:
+        raise CheckpointError(f"{path}: config has no task 'detect' or 'segment'")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit {c['backbone']} ({e})") from e
+    return model.eval(), c
+
+
+def _read_image(path: PathLike) -> torch.Tensor:
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB")).copy()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot decode the image: {e}") from e
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def _save_png(img: torch.Tensor, path: PathLike) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path, format="PNG")
+    return path
+
+
+def _palette(n: int) -> List[Tuple[int, int, int]]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return [tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i in range(n)]
+
+
+@torch.no_grad()
+def predict_detection(checkpoint: PathLike, image: PathLike, output: PathLike,
+                      score_thresh: float = 0.3) -> List[Dict[str, Any]]:
+    """Detect objects in ``image`` and write a PNG with the boxes drawn; returns the kept detections."""
+    from torchvision.utils import draw_bounding_boxes
+
+    model, c = load_downstream_model(checkpoint)
+    if c["task"] != "detect":
+        raise ValueError(f"{checkpoint}: a {c['task']} checkpoint, not a detection one")
+    img = _read_image(image)
+    model.score_thresh = min(model.score_thresh, score_thresh)  # RetinaNet's own candidate threshold (0.05)
+    det = model([img.float() / 255])[0]
+    keep = det["scores"] >= score_thresh
+    boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
+    names = [f"{c['classes'][int(l)]} {float(s):.2f}" for l, s in zip(labels, scores)]
+    colours = _palette(c["num_classes"])
+    drawn = draw_bounding_boxes(img, boxes, labels=names, colors=[colours[int(l)] for l in labels], width=2)
+    _save_png(drawn, output)
+    return [{"label": c["classes"][int(l)], "score": round(float(s), 4), "box_xyxy": [round(v, 1) for v in b.tolist()]}
+            for b, s, l in zip(boxes, scores, labels)]
+
+
+@torch.no_grad()
+def predict_segmentation(checkpoint: PathLike, image: PathLike, output: PathLike,
+                         alpha: float = 0.5) -> Dict[str, float]:
+    """Segment ``image`` and write a PNG with the coloured class mask over it; returns each class's pixel share."""
+    from torchvision.utils import draw_segmentation_masks
+
+    model, c = load_downstream_model(checkpoint)
+    if c["task"] != "segment":
+        raise ValueError(f"{checkpoint}: a {c['task']} checkpoint, not a segmentation one")
+    img = _read_image(image)
+    pred = segment_image(model, img.float() / 255, c.get("base_size"))
+    masks = torch.stack([pred == k for k in range(c["num_classes"])])
+    drawn = draw_segmentation_masks(img, masks, alpha=alpha, colors=_palette(c["num_classes"]))
+    _save_png(drawn, output)
+    total = pred.numel()
+    return {c["classes"][k]: round(float(masks[k].sum()) / total, 4) for k in range(c["num_classes"]) if masks[k].any()}
