@@ -24,24 +24,11 @@ DEFAULT_PEERS = ("cpubone_b0", "mobilenetv3_large_100", "fasternet_t0")
 
 
 def machine_name() -> str:
-    """The CPU model (and core count) the numbers were measured on."""
-    try:
-        from ..analysis.machine import machine_info  # the project's machine report, where present
+    """The CPU model (and usable core count) the numbers were measured on."""
+    from ..analysis.machine import machine_info
 
-        info = machine_info()
-        return f"{info.cpu} ({info.usable_cpus} usable cores)"
-    except ImportError:
-        import os
-
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-                if line.lower().startswith(("model name", "hardware")):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return f"{name} ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} usable cores)"
+    info = machine_info()
+    return f"{info.cpu} ({info.usable_cpus} usable cores)"
 
 
 def _onnx_ms(model: torch.nn.Module, size: int, threads: int, runs: int, warmup: int, tmp: Path,
