@@ -5,7 +5,6 @@ All timings go through the project's latency harness (``cpubone.analysis.latency
 """
 from __future__ import annotations
 
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Sequence

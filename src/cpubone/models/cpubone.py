@@ -6,7 +6,7 @@ then ``CPUBoneBlock``s (Lowtention + MLP + a 2x2 local block, fused below 256 ch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn

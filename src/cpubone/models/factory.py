@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch.nn as nn
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, GroupNorm1, Mlp
+from timm.layers import DropPath
 
 __all__ = [
     "ConvNormAct",
