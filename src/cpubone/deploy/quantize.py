@@ -20,10 +20,12 @@ from .preprocess import PreprocessConfig, list_images, load_image, preprocess
 __all__ = ["quantize_onnx", "exclusion_groups", "EXCLUDE_GROUPS"]
 
 # Named groups of nodes to keep in float32:
-#   attention: the Lowtention q^T k and v a^T matmuls and the softmax between them (a softmax over 49
-#              positions is sharp; int8 q and k shift which key wins);
+#   attention: the Lowtention qkv conv, the q^T k and v a^T matmuls and the softmax between them, so q,
+#              k and v are never rounded to 8 bits (the softmax exponentiates rounding errors of q^T k);
+#              the depthwise projection and the output conv stay int8;
 #   first:     the stem conv (its 3-channel input has a dynamic range unlike every later layer);
-#   last:      the classifier (head pre-logits Linear and final Linear: the logits themselves).
+#   last:      the classifier after the head conv (pooling, pre-logits Linear + LayerNorm + Hardswish,
+#              final Linear): the logits themselves.
 EXCLUDE_GROUPS = ("attention", "first", "last")
 
 PathLike = Union[str, os.PathLike]
@@ -41,13 +43,32 @@ def exclusion_groups(model_path: PathLike, groups: Iterable[str]) -> List[str]:
     names: List[str] = []
     convs = [n for n in graph.node if n.op_type == "Conv"]
     for node in graph.node:
-        if "attention" in groups and ("/attn/" in node.name and node.op_type in ("MatMul", "FusedMatMul", "Softmax")):
+        if "attention" in groups and "/attn/" in node.name and not any(
+                f"/attn/{conv}/" in node.name for conv in ("proj", "out")):
             names.append(node.name)
-        if "last" in groups and node.op_type in ("Gemm", "MatMul") and node.name.startswith("/head/"):
+        if "last" in groups and node.name.startswith("/head/") and not node.name.startswith("/head/conv/"):
             names.append(node.name)
     if "first" in groups and convs:
         names.append(convs[0].name)
     return names
+
+
+def _name_nodes(path: Path) -> None:
+    """Name unnamed nodes after their first input (graph optimizations inline e.g. HardSwish into unnamed
+    HardSigmoid + Mul), so that name-based exclusion groups reach them."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    seen = {n.name for n in proto.graph.node if n.name}
+    changed = False
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            base = f"{node.input[0] if node.input else ''}/{node.op_type}"
+            node.name = base if base not in seen else f"{base}_{i}"
+            seen.add(node.name)
+            changed = True
+    if changed:
+        onnx.save(proto, str(path))
 
 
 class _ImageReader:
@@ -78,6 +99,7 @@ def quantize_onnx(
     max_images: int = 64,
     per_channel: bool = True,
     calibrate_method: str = "minmax",
+    skip_optimization: bool = False,
 ) -> Path:
     """Write a static-QDQ int8 copy of the fp32 ONNX file ``model_path`` to ``output``.
 
@@ -119,8 +141,16 @@ def quantize_onnx(
         prepped = Path(tmp) / "prepped.onnx"
         # shape inference + ONNX Runtime's basic graph optimizations (constant folding, Conv-Add fusion)
         # so that quantization sees the graph that will run
-        quant_pre_process(str(model_path), str(prepped), skip_symbolic_shape=True)
-        nodes = [e for e in items if e and e not in EXCLUDE_GROUPS] + exclusion_groups(prepped, groups)
+        quant_pre_process(str(model_path), str(prepped), skip_symbolic_shape=True, skip_optimization=skip_optimization)
+        _name_nodes(prepped)
+        named = [e for e in items if e and e not in EXCLUDE_GROUPS]
+        if named:
+            known = {n.name for n in onnx.load(str(prepped), load_external_data=False).graph.node}
+            unknown = [e for e in named if e not in known]
+            if unknown:
+                raise ValueError(f"unknown int8 exclusion(s) {unknown}: neither a group {list(EXCLUDE_GROUPS)} "
+                                 f"nor a node name of {model_path}")
+        nodes = named + exclusion_groups(prepped, groups)
         q = Path(tmp) / "int8.onnx"
         quantize_static(
             str(prepped), str(q), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
