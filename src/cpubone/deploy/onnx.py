@@ -102,7 +102,14 @@ def model_metadata(model: nn.Module, input_size: Tuple[int, int], name: str = ""
     from timm.data import resolve_data_config
 
     data_cfg = resolve_data_config(model=model)
-    data_cfg["input_size"] = (getattr(model, "in_chans", data_cfg["input_size"][0]), *input_size)
+    chans = getattr(model, "in_chans", data_cfg["input_size"][0])
+    data_cfg["input_size"] = (chans, *input_size)
+    for key in ("mean", "std"):
+        v = tuple(data_cfg[key])
+        if len(v) != chans:
+            # RGB statistics for a model of another channel count: grayscale gets their average (the
+            # image is converted to L), other counts reuse them cyclically
+            data_cfg[key] = (sum(v) / len(v),) if chans == 1 else tuple(v[i % len(v)] for i in range(chans))
     meta = PreprocessConfig.from_data_config(data_cfg).to_metadata()
     labels = list(labels) if labels is not None else class_names(model)
     num_classes = getattr(model, "num_classes", None)
