@@ -100,6 +100,7 @@ def quantize_onnx(
     per_channel: bool = True,
     calibrate_method: str = "minmax",
     skip_optimization: bool = False,
+    op_types: Optional[Sequence[str]] = None,
 ) -> Path:
     """Write a static-QDQ int8 copy of the fp32 ONNX file ``model_path`` to ``output``.
 
@@ -155,7 +156,7 @@ def quantize_onnx(
         quantize_static(
             str(prepped), str(q), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=nodes,
-            calibrate_method=methods[calibrate_method],
+            calibrate_method=methods[calibrate_method], op_types_to_quantize=list(op_types) if op_types else None,
         )
         qproto = onnx.load(str(q))
         del qproto.metadata_props[:]
