@@ -101,6 +101,26 @@ def ort_profile(path: Path, runs: int = 20) -> Dict[str, float]:
     return dict(sorted(agg.items(), key=lambda kv: -kv[1]))
 
 
+def eager_profile(model: nn.Module, channels_last: bool, runs: int = 10) -> Dict[str, float]:
+    """ms per run by aten op (self CPU time, torch.profiler), plus the op-call count per run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(SHAPE)
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                model(x)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    out = {e.key: e.self_cpu_time_total / 1000 / runs for e in rows}
+    out["(aten calls per run)"] = sum(e.count for e in rows) / runs
+    return out
+
+
 def optimized_node_types(path: Path, tmp: Path) -> Dict[str, int]:
     out = tmp / (path.stem + ".opt.onnx")
     ort_session(path, threads=1, optimized_model_path=str(out))
@@ -198,6 +218,16 @@ def main() -> int:
             left = {t: nodes.get(t, 0) for t in ("Pad", "Transpose", "Reshape", "Slice", "ReorderInput", "ReorderOutput")}
             print(f"  optimized graph: {sum(nodes.values())} nodes; " + ", ".join(f"{t} {n}" for t, n in left.items()))
             results.setdefault("profiles", {})[k] = dict(ms_by_op=prof, optimized_nodes=nodes)
+    if args.profile:
+        for k, m, cl in (("timm cpubone_b0_bfrobust", timm_model, False),
+                         ("inference form (pad), channels_last", variants["inference form (pad)"], True)):
+            prof = eager_profile(m, cl)
+            calls = prof.pop("(aten calls per run)")
+            total = sum(prof.values())
+            print(f"\neager profile (torch.profiler, self CPU), {k}: {total:.2f} ms per run, {calls:.0f} aten calls")
+            for op, ms in list(prof.items())[:10]:
+                print(f"  {op:32s} {ms:6.3f} ms {100 * ms / total:5.1f}%")
+            results.setdefault("eager_profiles", {})[k] = dict(prof, calls_per_run=calls)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

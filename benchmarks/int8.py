@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from cpubone.deploy.onnx import export_model, read_metadata, sample_photos
 from cpubone.deploy.preprocess import PreprocessConfig, list_images, preprocess
 from cpubone.deploy.quantize import quantize_onnx
 
-EXCLUDE_SETS = ("", "attention", "attention,first,last")
+EXCLUDE_SETS = ("", "attention", "first,last", "attention,first,last")
 
 
 def cpu_name() -> str:

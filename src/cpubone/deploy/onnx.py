@@ -8,7 +8,6 @@ real photos and refuse the file (``ExportVerificationError``) when they disagree
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field

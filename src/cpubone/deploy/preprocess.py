@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["PreprocessConfig", "load_image", "to_model_mode", "preprocess", "list_images", "IMAGE_EXTENSIONS"]
+__all__ = ["PreprocessConfig", "load_image", "to_model_mode", "preprocess", "preprocess_batch", "list_images",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 

@@ -8,12 +8,10 @@ top-1 agreement figures in ``benchmarks/int8.py`` (docs/deployment.md).
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
-import numpy as np
 
 from .preprocess import PreprocessConfig, list_images, load_image, preprocess
 
@@ -111,6 +109,10 @@ def quantize_onnx(
         max_images: calibration images used (the first ones in sorted order).
         per_channel: per-output-channel weight scales (symmetric int8 weights, uint8 activations).
         calibrate_method: "minmax", "entropy" or "percentile" (onnxruntime's calibrators).
+        skip_optimization: quantize the graph as exported, without ONNX Runtime's basic optimizations
+            (measured slower on B0: the HardSwish stays one float op between every QLinearConv).
+        op_types: quantize only these op types (default: all ONNX Runtime can; restricting to Conv/MatMul
+            was measured slower on B0, the extra float<->int8 conversions cost more than they save).
 
     The fp32 file's metadata (preprocessing, labels) is copied into the int8 file.
     """
