@@ -17,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help="also write a static-QDQ int8 model (needs --calib)")
     p.add_argument("--calib", metavar="DIR", help="folder of calibration images for --int8")
     p.add_argument("--calib-count", type=int, default=64, help="calibration images to use (default 64)")
-    p.add_argument("--int8-exclude", default="attention",
+    p.add_argument("--int8-exclude", default="first,last",
                    help="comma-separated node names or groups (attention, first, last) kept in float; "
-                        "'' quantizes everything (default attention)")
+                        "'' quantizes everything (default first,last)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(func=_export)

@@ -246,7 +246,7 @@ def export_model(
     int8: bool = False,
     calib_dir: Optional[Union[str, os.PathLike]] = None,
     int8_output: Optional[Union[str, os.PathLike]] = None,
-    int8_exclude: Union[str, Sequence[str]] = "attention",
+    int8_exclude: Union[str, Sequence[str]] = "first,last",
     calib_count: int = 64,
     verify: bool = True,
 ) -> ExportReport:
