@@ -11,6 +11,8 @@ same outputs (within float32 rounding) for any input size:
   the channels-first layout the convs produce (``q^T k`` and ``v a^T``), so no transposes are left for
   ONNX Runtime to copy (it fuses them into its MatMul kernels);
 * the 2x2 stride-1 "same" convs lose their explicit asymmetric ``F.pad`` (see ``ConvAct``);
+* grouped convs with fewer than 16 input channels per group become dense block-diagonal convs (more
+  MACs, but ONNX Runtime's blocked kernels need whole SIMD blocks per group; see ``densify_groups``);
 * dropout and stochastic depth are removed, and crops that cannot change the result are skipped
   (the Lowtention crop at sizes divisible by its stride).
 
@@ -32,7 +34,7 @@ from ..models.cpubone import CPUBone, CPUBoneBlock
 from ..models.layers import ConvNormAct, Lowtention
 
 __all__ = ["reparameterize", "ConvAct", "LowtentionInference", "shape_general", "is_reparameterized",
-           "PAD_MODES"]
+           "densify_groups", "PAD_MODES"]
 
 # How a 2x2 stride-1 conv gets its (1, 0, 1, 0) "same" pad in the inference form:
 #   "crop": symmetric conv padding of 1, then drop the last row and column (one extra output row/col);
