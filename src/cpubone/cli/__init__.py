@@ -36,11 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..models.checkpoints import CheckpointError
-
     try:
         code = args.func(args)
-    except (UserError, CheckpointError, FileNotFoundError, ValueError) as e:
+    # CheckpointError is a ValueError; not importing it keeps torch-free commands (predict) free of torch
+    except (UserError, FileNotFoundError, ValueError) as e:
         print(f"cpubone {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,17 +1,35 @@
-"""ONNX export of CPUBone (and any timm model) for ONNX Runtime, the paper's CPU path."""
+"""ONNX export of CPUBone (and any timm model) for ONNX Runtime, the paper's CPU path.
+
+``export_onnx`` writes any module; ``export_model`` is the deployment path behind ``cpubone export``:
+build (and load) the model, rewrite it into its inference form, export, store the preprocessing and
+class names in the file's metadata, then check ONNX Runtime against PyTorch on random inputs and on
+real photos and refuse the file (``ExportVerificationError``) when they disagree.
+"""
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["export_onnx", "DEFAULT_OPSET"]
+from .preprocess import PreprocessConfig, preprocess
+
+__all__ = ["export_onnx", "export_model", "verify_onnx", "model_metadata", "read_metadata", "sample_photos",
+           "ExportReport", "ExportVerificationError", "DEFAULT_OPSET", "METADATA_PREFIX"]
 
 DEFAULT_OPSET = 18
+# keys of the preprocessing (PreprocessConfig fields) are stored bare; these carry the rest
+METADATA_PREFIX = "cpubone."
+
+
+class ExportVerificationError(ValueError):
+    """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
 
 
 def export_onnx(
@@ -31,9 +49,12 @@ def export_onnx(
         metadata: string key/values stored in the model's ``metadata_props``.
 
     Uses the TorchScript exporter: it traces CPUBone's shape arithmetic into the graph, so a dynamic
-    export stays correct at sizes other than the traced one. The file is written atomically.
+    export stays correct at sizes other than the traced one (the inference form's size-dependent pads
+    and crops are recorded unconditionally under ``shape_general``). The file is written atomically.
     """
     import onnx
+
+    from .reparam import shape_general
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +65,7 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     dynamic_axes = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}} if dynamic else None
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), shape_general(dynamic):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, (x,), str(tmp), input_names=["input"], output_names=["output"], opset_version=opset,
@@ -60,3 +81,247 @@ def export_onnx(
         onnx.save(proto, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+# --- metadata -----------------------------------------------------------------------------------
+def class_names(model: nn.Module) -> Optional[List[str]]:
+    """ImageNet class names for a model with an ImageNet head (from timm's bundled files, offline)."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    if cfg.get("label_names"):
+        return list(cfg["label_names"])
+    subset = infer_imagenet_subset(model)
+    return ImageNetInfo(subset).label_descriptions() if subset else None
+
+
+def model_metadata(model: nn.Module, input_size: Tuple[int, int], name: str = "",
+                   labels: Optional[Sequence[str]] = None, dynamic: bool = False) -> Dict[str, str]:
+    """ONNX metadata: timm's eval preprocessing for the model at ``input_size``, class names, provenance."""
+    from timm.data import resolve_data_config
+
+    data_cfg = resolve_data_config(model=model)
+    chans = getattr(model, "in_chans", data_cfg["input_size"][0])
+    data_cfg["input_size"] = (chans, *input_size)
+    for key in ("mean", "std"):
+        v = tuple(data_cfg[key])
+        if len(v) != chans:
+            # RGB statistics for a model of another channel count: grayscale gets their average (the
+            # image is converted to L), other counts reuse them cyclically
+            data_cfg[key] = (sum(v) / len(v),) if chans == 1 else tuple(v[i % len(v)] for i in range(chans))
+    meta = PreprocessConfig.from_data_config(data_cfg).to_metadata()
+    labels = list(labels) if labels is not None else class_names(model)
+    num_classes = getattr(model, "num_classes", None)
+    if labels is not None and num_classes and len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} class names for a model with {num_classes} classes")
+    meta.update({
+        METADATA_PREFIX + "model": json.dumps(name or getattr(model, "pretrained_cfg", {}).get("architecture", "")),
+        METADATA_PREFIX + "num_classes": json.dumps(num_classes),
+        METADATA_PREFIX + "dynamic": json.dumps(dynamic),
+        METADATA_PREFIX + "labels": json.dumps(labels),
+    })
+    from .. import __version__
+
+    meta[METADATA_PREFIX + "version"] = json.dumps(__version__)
+    return meta
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+# --- verification -------------------------------------------------------------------------------
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+
+
+def sample_photos(names: Sequence[str] = SKIMAGE_PHOTOS) -> List[Tuple[str, np.ndarray]]:
+    """Real photos bundled with scikit-image (no download), as (name, uint8 array)."""
+    from skimage import data
+
+    return [(n, getattr(data, n)()) for n in names]
+
+
+@dataclass
+class VerifyResult:
+    """One comparison of ONNX Runtime against PyTorch."""
+
+    input: str
+    shape: Tuple[int, ...]
+    max_abs_diff: float
+    max_abs_ref: float
+    top1_agree: bool
+
+
+@dataclass
+class ExportReport:
+    """What ``export_model`` wrote and how well ONNX Runtime reproduces PyTorch."""
+
+    path: str
+    model: str
+    input_size: Tuple[int, int]
+    dynamic: bool
+    opset: int
+    tolerance: float
+    checks: List[VerifyResult] = field(default_factory=list)
+    int8_path: Optional[str] = None
+    int8_checks: List[VerifyResult] = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((c.max_abs_diff for c in self.checks), default=0.0)
+
+    def to_dict(self) -> Dict[str, Any]:
+        from dataclasses import asdict
+
+        return dict(asdict(self), max_abs_diff=self.max_abs_diff)
+
+
+def _verify_sizes(input_size: Tuple[int, int], dynamic: bool) -> List[Tuple[int, int]]:
+    if not dynamic:
+        return [tuple(input_size)]
+    h, w = input_size
+    # odd sizes exercise the Lowtention pad/crop and the 2x2 "same" pads at sizes the trace never saw
+    return [tuple(input_size), (h + 17 | 1, w + 5 | 1), (max(33, h // 2 + 1), max(47, w // 3 | 1))]
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    cfg: PreprocessConfig,
+    dynamic: bool = False,
+    tolerance: float = 1e-4,
+    photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None,
+    seed: int = 0,
+) -> List[VerifyResult]:
+    """Compare ONNX Runtime (``path``) with ``model`` in PyTorch on random inputs and on real photos.
+
+    Random inputs cover the export size and, for a dynamic export, odd sizes; photos go through the shared
+    eval preprocessing (``cfg``). The allowed difference is ``tolerance * max(1, max |logit|)``. Raises
+    ``ExportVerificationError`` naming the worst input when it is exceeded.
+    """
+    from ..analysis.latency import ort_session
+
+    sess = ort_session(path, threads=1)
+    model.eval()
+    rng = np.random.default_rng(seed)
+    inputs: List[Tuple[str, np.ndarray]] = []
+    for h, w in _verify_sizes(cfg.input_size[1:], dynamic):
+        inputs.append((f"random {h}x{w}", rng.standard_normal((1, cfg.input_size[0], h, w)).astype(np.float32)))
+    for name, img in (photos if photos is not None else sample_photos()):
+        inputs.append((f"photo {name}", preprocess(img, cfg, name)[None]))
+    results = []
+    for name, x in inputs:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        out = sess.run(None, {"input": x})[0]
+        if out.shape != ref.shape:
+            raise ExportVerificationError(f"{path}: ONNX Runtime output shape {out.shape} != PyTorch {ref.shape} on {name}")
+        results.append(VerifyResult(name, tuple(x.shape), float(np.abs(out - ref).max()), float(np.abs(ref).max()),
+                                    bool((out.argmax(-1) == ref.argmax(-1)).all())))
+    bad = [r for r in results if not r.max_abs_diff <= tolerance * max(1.0, r.max_abs_ref)]
+    if bad:
+        worst = max(bad, key=lambda r: r.max_abs_diff)
+        raise ExportVerificationError(
+            f"{path}: ONNX Runtime disagrees with PyTorch: max abs difference {worst.max_abs_diff:.3g} on "
+            f"{worst.input} (logits up to {worst.max_abs_ref:.3g}; tolerance {tolerance:g} relative). "
+            f"{len(bad)} of {len(results)} checks failed; the exported file is not trustworthy."
+        )
+    return results
+
+
+# --- the deployment path ------------------------------------------------------------------------
+def export_model(
+    model: Union[str, nn.Module],
+    output: Union[str, os.PathLike],
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    input_size: Optional[Tuple[int, int]] = None,
+    dynamic: bool = False,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = 1e-4,
+    labels: Optional[Sequence[str]] = None,
+    int8: bool = False,
+    calib_dir: Optional[Union[str, os.PathLike]] = None,
+    int8_output: Optional[Union[str, os.PathLike]] = None,
+    int8_exclude: Union[str, Sequence[str]] = "first,last",
+    calib_count: int = 64,
+    verify: bool = True,
+) -> ExportReport:
+    """Export a model's inference form to ONNX, with metadata, verified against PyTorch.
+
+    Args:
+        model: a model name for ``create_model`` (CPUBone variant or timm name) or a built model.
+        output: the .onnx file to write.
+        checkpoint: weights to load (any layout ``load_checkpoint`` reads); None keeps the model's own.
+        input_size: (H, W) to export at; default the model's ``pretrained_cfg['input_size']``.
+        dynamic: symbolic batch, height and width; verified at odd sizes too.
+        opset: ONNX opset.
+        tolerance: allowed ONNX Runtime vs PyTorch difference, relative to max(1, max |logit|).
+        labels: class names to store (default: ImageNet names for 1000-class heads).
+        int8 / calib_dir / int8_output / int8_exclude / calib_count: also write a static-QDQ int8 model
+            calibrated on up to ``calib_count`` images from ``calib_dir`` (see ``quantize_onnx``).
+        verify: compare ONNX Runtime with PyTorch (random inputs and real photos).
+    """
+    from ..models import CPUBone, create_model
+    from .reparam import reparameterize
+
+    name = model if isinstance(model, str) else getattr(model, "pretrained_cfg", {}).get("architecture", "model")
+    if int8 and calib_dir is None:
+        raise ValueError("--int8 needs --calib DIR: a folder of images to calibrate the activation ranges on")
+    if calib_dir is not None and not Path(calib_dir).is_dir():
+        raise FileNotFoundError(f"calibration folder not found: {calib_dir}")
+    if isinstance(model, str):
+        model = create_model(model, pretrained=checkpoint if checkpoint is not None else False)
+    elif checkpoint is not None:
+        from ..models import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    model.eval()
+    if input_size is None:
+        input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:])
+    input_size = tuple(int(s) for s in input_size)
+    if len(input_size) != 2 or min(input_size) < 1:
+        raise ValueError(f"input size {input_size}: expected two positive integers H W")
+    if isinstance(model, CPUBone):
+        deploy_model = reparameterize(model)
+    else:
+        deploy_model = model  # a timm peer: exported as it is
+    meta = model_metadata(model, input_size, name=name, labels=labels, dynamic=dynamic)
+    output = Path(output)
+    export_onnx(deploy_model, output, input_size, dynamic=dynamic, opset=opset, metadata=meta)
+    cfg = PreprocessConfig.from_metadata(meta)
+    report = ExportReport(str(output), name, input_size, dynamic, opset, tolerance)
+    if verify:
+        try:
+            report.checks = verify_onnx(model, output, cfg, dynamic=dynamic, tolerance=tolerance)
+        except ExportVerificationError:
+            failed = output.with_name(output.name + ".failed")
+            os.replace(output, failed)  # never leave an unverified file under the requested name
+            raise
+    if int8:
+        from .quantize import quantize_onnx
+
+        int8_output = Path(int8_output) if int8_output else output.with_name(output.stem + ".int8.onnx")
+        quantize_onnx(output, int8_output, calib_dir, exclude=int8_exclude, max_images=calib_count)
+        report.int8_path = str(int8_output)
+        report.int8_checks = compare_onnx(output, int8_output, cfg)
+    return report
+
+
+def compare_onnx(reference: Union[str, os.PathLike], candidate: Union[str, os.PathLike], cfg: PreprocessConfig,
+                 photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None) -> List[VerifyResult]:
+    """Two ONNX files on the same real photos: max abs difference and top-1 agreement (no tolerance)."""
+    from ..analysis.latency import ort_session
+
+    ref_sess, cand_sess = ort_session(reference), ort_session(candidate)
+    results = []
+    for name, img in (photos if photos is not None else sample_photos()):
+        x = preprocess(img, cfg, name)[None]
+        a = ref_sess.run(None, {"input": x})[0]
+        b = cand_sess.run(None, {"input": x})[0]
+        results.append(VerifyResult(f"photo {name}", tuple(x.shape), float(np.abs(a - b).max()),
+                                    float(np.abs(a).max()), bool((a.argmax(-1) == b.argmax(-1)).all())))
+    return results

@@ -334,6 +334,13 @@ class CPUBone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.no_grad()
+    def fuse(self, pad_mode: str = "pad") -> "CPUBone":
+        """Rewrite this model in place into its inference form (see ``cpubone.deploy.reparameterize``)."""
+        from ..deploy.reparam import reparameterize  # lazy: models must not depend on deploy at import
+
+        return reparameterize(self, inplace=True, pad_mode=pad_mode)
+
 
 def default_cfg(**kwargs: Any) -> Dict[str, Any]:
     """Pretrained config in timm's format (read by ``timm.data.resolve_data_config``)."""

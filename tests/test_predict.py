@@ -1,0 +1,128 @@
+"""The torch-free predictor and the shared eval preprocessing (cpubone.deploy.predictor / .preprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from cpubone import create_model
+from cpubone.cli import main
+from cpubone.deploy.onnx import export_model
+from cpubone.deploy.predictor import Predictor
+from cpubone.deploy.preprocess import PreprocessConfig, preprocess
+
+torch.set_num_threads(1)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+
+
+@pytest.mark.parametrize("size,crop_mode", [((224, 224), "center"), ((256, 192), "center"), ((97, 97), "squash")])
+def test_preprocess_matches_timm_eval_transform(size, crop_mode):
+    from timm.data import create_transform, resolve_data_config
+
+    data_cfg = resolve_data_config(model=create_model("cpubone_nano"))
+    data_cfg.update(input_size=(3, *size), crop_mode=crop_mode)
+    timm_tf = create_transform(**data_cfg)
+    cfg = PreprocessConfig.from_data_config(data_cfg)
+    assert cfg.interpolation == "bicubic" and cfg.crop_pct == 0.95
+    for name in PHOTOS:
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        ref = timm_tf(img).numpy()
+        out = preprocess(getattr(data, name)(), cfg)  # arrays (gray camera too) convert like .convert('RGB')
+        assert out.shape == ref.shape == (3, *size)
+        assert np.abs(out - ref).max() <= 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    path = tmp / "nano.onnx"
+    export_model("cpubone_nano", path, input_size=(64, 64), verify=False)
+    files = []
+    for name in ("chelsea", "camera"):
+        files.append(tmp / f"{name}.png")
+        Image.fromarray(getattr(data, name)()).save(files[-1])
+    return path, files
+
+
+def test_predictor_runs_without_torch(exported):
+    path, files = exported
+    code = (
+        "import sys, json\n"
+        "from cpubone.deploy.predictor import main\n"
+        f"rc = main([{str(files[0])!r}, {str(files[1])!r}, '--onnx', {str(path)!r}, '--json', '--topk', '3'])\n"
+        "assert 'torch' not in sys.modules, 'predictor imported torch'\n"
+        "from cpubone.cli import main as cli\n"
+        f"rc2 = cli(['predict', {str(files[0])!r}, '--onnx', {str(path)!r}])\n"
+        "assert 'torch' not in sys.modules, 'cpubone predict imported torch'\n"
+        "sys.exit(rc or rc2)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    preds = json.loads(proc.stdout[: proc.stdout.rindex("]") + 1])
+    assert [Path(p["image"]).name for p in preds] == ["chelsea.png", "camera.png"]
+    assert all(len(p["topk"]) == 3 for p in preds)
+
+
+def test_predictor_matches_pytorch(exported):
+    from timm.data import ImageNetInfo, create_transform, resolve_data_config
+
+    path, files = exported
+    pred = Predictor(path)
+    model = create_model("cpubone_nano").eval()  # for its data config (timm resolve_data_config)
+    cfg = resolve_data_config(model=model)
+    cfg["input_size"] = (3, 64, 64)
+    x_timm = create_transform(**cfg)(Image.open(files[0]).convert("RGB")).numpy()
+    assert np.abs(pred.preprocess(files[0]) - x_timm).max() <= 1e-5
+    logits = pred.logits([files[0]])[0]
+    out = pred.predict([files[0], Image.open(files[1])], topk=5)
+    assert out[0].indices[0] == int(np.argmax(logits))
+    assert out[0].probs == sorted(out[0].probs, reverse=True) and 0 < sum(out[0].probs) <= 1.0 + 1e-6
+    assert out[0].labels[0] == ImageNetInfo().label_descriptions()[out[0].indices[0]]
+    assert out[1].image == "image 1"
+
+
+def test_predictor_errors(exported, tmp_path, capsys):
+    path, files = exported
+    with pytest.raises(FileNotFoundError, match="ONNX model not found"):
+        Predictor(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx")
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        Predictor(junk)
+    pred = Predictor(path)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(ValueError, match="bad.jpg: not a readable image"):
+        pred.predict([bad])
+    with pytest.raises(ValueError, match=r"shape \(8, 8, 2\)"):
+        pred.predict([np.zeros((8, 8, 2), np.uint8)])
+    with pytest.raises(ValueError, match="uint8"):
+        pred.predict([np.zeros((8, 8, 3), np.float32)])
+    # 4-channel (RGBA) and 2-channel (LA) Pillow images convert like timm's loader (.convert('RGB'))
+    assert pred.predict([Image.new("RGBA", (40, 30)), Image.new("LA", (40, 30))], topk=1)[1].indices
+    assert main(["predict", str(bad), "--onnx", str(path)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert main(["predict", str(files[0]), "--onnx", str(tmp_path / "nope.onnx")]) == 2
+    assert "ONNX model not found" in capsys.readouterr().err
+
+
+def test_channel_count_of_the_model(tmp_path):
+    gray = tmp_path / "gray.onnx"
+    export_model(create_model("cpubone_nano", in_chans=1), gray, input_size=(32, 32), verify=False)
+    pred = Predictor(gray)
+    assert pred.config.input_size == (1, 32, 32)
+    assert pred.preprocess(data.chelsea()).shape == (1, 32, 32)  # RGB -> L for a 1-channel model
+    two = tmp_path / "two.onnx"
+    export_model(create_model("cpubone_nano", in_chans=2), two, input_size=(32, 32), verify=False)
+    with pytest.raises(ValueError, match="expects 2 input channels"):
+        Predictor(two).predict([data.chelsea()])
