@@ -20,7 +20,6 @@ import collections
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,35 +43,10 @@ SHAPE = (1, 3, 224, 224)
 
 def machine_and_peak(runs: int):
     """(CPU name, ORT fp32 GEMM GMAC/s at one thread, how it was measured)."""
-    try:  # analysis/machine.py (another branch of the project) when it is available
-        from cpubone.analysis.machine import gemm_peak, machine_info
+    from cpubone.analysis.machine import gemm_peak, machine_info
 
-        peak = gemm_peak("onnxruntime", threads=1, runs=runs)
-        return machine_info().cpu, peak.gmacps, peak.method + " (cpubone.analysis.machine)"
-    except ImportError:
-        pass
-    # minimal local fallback: one-node MatMul 512x512x512 graph, timed by the project's harness
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    n = 512
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "B")
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
-                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
-                              [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])], initializer=[w])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "mm.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-        lat = measure_onnx(path, (n, n), threads=1, runs=runs, warmup=5)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return cpu, lat.macps(n ** 3), f"ONNX Runtime MatMul {n}x{n}x{n} fp32 (local fallback: no analysis/machine.py)"
+    peak = gemm_peak("onnxruntime", threads=1, runs=runs)
+    return machine_info().cpu, peak.gmacps, peak.method
 
 
 def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:

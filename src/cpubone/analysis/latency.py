@@ -8,11 +8,9 @@ with ``time.perf_counter``; only the model call is inside the timed region (the 
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict
-from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np

@@ -29,7 +29,7 @@ def _common_train(p: argparse.ArgumentParser) -> None:
 
 
 def _common_bench(p: argparse.ArgumentParser, classes: int) -> None:
-    from ..downstream.bench import DEFAULT_PEERS
+    from ..downstream.presets import DEFAULT_PEERS
 
     p.add_argument("--backbones", nargs="+", default=list(DEFAULT_PEERS),
                    help=f"backbones to compare with the same head (default: {' '.join(DEFAULT_PEERS)})")
@@ -53,8 +53,7 @@ def _common_synth(p: argparse.ArgumentParser, train: str, val: str) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..downstream.detection import DETECTION_PRESETS
-    from ..downstream.segmentation import SEGMENTATION_PRESETS
+    from ..downstream.presets import DETECTION_PRESETS, SEGMENTATION_PRESETS
 
     det = sub.add_parser("detect", help="RetinaNet object detection on a CPUBone (or timm) backbone")
     dsub = det.add_subparsers(dest="action", metavar="ACTION")

@@ -1,13 +1,30 @@
-"""Downstream tasks on CPUBone: RetinaNet detection and Semantic FPN segmentation, their data, metrics and training."""
-from .backbone import BackboneWithFPN, backbone_mean_std, create_feature_backbone
-from .datasets import AnnotationError, CocoDetection, SegmentationFolder, write_synthetic_ade, write_synthetic_coco
-from .detection import DETECTION_PRESETS, RetinaNetRaw, create_retinanet
-from .metrics import ConfusionMatrix, coco_detection_metrics
-from .segmentation import SEGMENTATION_PRESETS, SemanticFPN, create_semantic_fpn
+"""Downstream tasks on CPUBone: RetinaNet detection and Semantic FPN segmentation, their data, metrics and training.
 
-__all__ = [
-    "BackboneWithFPN", "create_feature_backbone", "backbone_mean_std", "AnnotationError", "CocoDetection",
-    "SegmentationFolder", "write_synthetic_coco", "write_synthetic_ade", "DETECTION_PRESETS", "RetinaNetRaw",
-    "create_retinanet", "ConfusionMatrix", "coco_detection_metrics", "SEGMENTATION_PRESETS", "SemanticFPN",
-    "create_semantic_fpn",
-]
+Names resolve on first use (PEP 562): the command line reads the presets without importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "BackboneWithFPN": ".backbone", "create_feature_backbone": ".backbone", "backbone_mean_std": ".backbone",
+    "AnnotationError": ".datasets", "CocoDetection": ".datasets", "SegmentationFolder": ".datasets",
+    "write_synthetic_coco": ".datasets", "write_synthetic_ade": ".datasets",
+    "RetinaNetRaw": ".detection", "create_retinanet": ".detection",
+    "ConfusionMatrix": ".metrics", "coco_detection_metrics": ".metrics",
+    "SemanticFPN": ".segmentation", "create_semantic_fpn": ".segmentation",
+    "DETECTION_PRESETS": ".presets", "SEGMENTATION_PRESETS": ".presets",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

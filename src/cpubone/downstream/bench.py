@@ -15,11 +15,11 @@ import torch
 from ..analysis.latency import measure_eager, measure_onnx, ort_session, torch_threads, time_callable
 from ..analysis.macs import count_macs, count_params
 from .detection import RetinaNetRaw, create_retinanet
+from .presets import DEFAULT_PEERS
 from .segmentation import create_semantic_fpn
 
 __all__ = ["machine_name", "bench_detection", "bench_segmentation", "DEFAULT_PEERS"]
 
-DEFAULT_PEERS = ("cpubone_b0", "mobilenetv3_large_100", "fasternet_t0")
 
 
 def machine_name() -> str:

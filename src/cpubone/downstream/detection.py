@@ -6,46 +6,17 @@ builds the backbone/FPN it runs on, the 5-level anchor generator, and the traini
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from .presets import DETECTION_PRESETS, DetectionPreset
 from .backbone import BackboneWithFPN, backbone_mean_std, create_feature_backbone
 
 __all__ = ["create_retinanet", "retinanet_anchor_generator", "RetinaNetRaw", "DetectionPreset", "DETECTION_PRESETS"]
 
 RETINANET_STRIDES = (8, 16, 32, 64, 128)
-
-
-@dataclass(frozen=True)
-class DetectionPreset:
-    """A training schedule. ``decay_epochs``: epochs after which the lr is multiplied by ``decay_rate``."""
-
-    epochs: int
-    batch_size: int
-    opt: str
-    lr: float
-    weight_decay: float
-    momentum: float = 0.9
-    decay_epochs: Tuple[int, ...] = (8, 11)
-    decay_rate: float = 0.1
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    grad_clip: Optional[float] = None
-    min_size: int = 800
-    max_size: int = 1333
-
-
-DETECTION_PRESETS: Dict[str, DetectionPreset] = {
-    # the 1x schedule as backbone papers since PVT run RetinaNet with AdamW (the CPUBone paper names only
-    # "12 epochs, 1x"): 12 epochs, batch 16, AdamW lr 1e-4 wd 1e-4, x0.1 after epochs 8 and 11, 500-iter linear warmup,
-    # images resized to shorter side 800 (longer <= 1333)
-    "1x": DetectionPreset(epochs=12, batch_size=16, opt="adamw", lr=1e-4, weight_decay=1e-4),
-    # mmdet's original retinanet_r50_fpn_1x: the same schedule with SGD lr 0.01, momentum 0.9, wd 1e-4, grad clip 35
-    "1x-sgd": DetectionPreset(epochs=12, batch_size=16, opt="sgd", lr=0.01, weight_decay=1e-4, grad_clip=35.0),
-}
 
 
 def retinanet_anchor_generator(strides: Sequence[int] = RETINANET_STRIDES, octave_base_scale: float = 4.0,

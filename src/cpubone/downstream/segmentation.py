@@ -8,40 +8,17 @@ exported ONNX file is end to end.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple, Union
+
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .presets import SEGMENTATION_PRESETS, SegmentationPreset
 from .backbone import BackboneWithFPN, backbone_mean_std, create_feature_backbone
 
 __all__ = ["SemanticFPNHead", "SemanticFPN", "create_semantic_fpn", "SegmentationPreset", "SEGMENTATION_PRESETS"]
-
-
-@dataclass(frozen=True)
-class SegmentationPreset:
-    """A training schedule: ``iters`` updates of ``batch_size`` random ``crop_size`` crops, poly lr decay."""
-
-    iters: int
-    batch_size: int
-    crop_size: int
-    opt: str
-    lr: float
-    weight_decay: float
-    poly_power: float = 0.9
-    warmup_iters: int = 0
-    base_size: int = 512
-    ratio_range: Tuple[float, float] = (0.5, 2.0)
-
-
-SEGMENTATION_PRESETS: Dict[str, SegmentationPreset] = {
-    # the paper's ADE20K setup (as in PoolFormer / EfficientFormer): 40k iterations, batch 32, 512x512 crops,
-    # AdamW lr 2e-4 wd 1e-4, poly decay (power 0.9), shorter side rescaled to 512 x [0.5, 2.0]
-    "ade20k-40k": SegmentationPreset(iters=40_000, batch_size=32, crop_size=512, opt="adamw", lr=2e-4,
-                                     weight_decay=1e-4),
-}
 
 
 def _conv_gn_relu(cin: int, cout: int) -> nn.Sequential:
