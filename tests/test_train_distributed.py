@@ -4,7 +4,9 @@ Model: timm's ``test_convnext`` (LayerNorm only). CPUBone uses BatchNorm, whose 
 process unless SyncBatchNorm is used, and torch's SyncBatchNorm has no CPU implementation; a BN-free
 model makes the comparison exact up to float summation order. Augmentation, Mixup/CutMix and DropPath
 are off so that both runs see identical inputs (their randomness is per process by design).
-Tolerance: 1e-5 absolute on every weight after 6 AdamW steps.
+Tolerance: 1e-4 absolute on every weight after 6 AdamW steps at lr 0.01 (weights move by up to ~0.06);
+Adam divides by the gradient RMS, so the ~1e-7 summation-order differences of the all-reduced
+gradients show up as ~1e-5 in the weights.
 """
 import json
 import os
@@ -41,7 +43,7 @@ def _free_port() -> int:
 
 def _args(data: Path, out: Path):
     return ["--data", str(data), "--model", "test_convnext", "--recipe", "digits", "--img-size", "32",
-            "--epochs", "1", "--batch-size", "8", "--no-aug", "--mixup", "0", "--cutmix", "0", "--drop-path", "0",
+            "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--warmup-epochs", "0", "--no-aug", "--mixup", "0", "--cutmix", "0", "--drop-path", "0",
             "--workers", "0", "--seed", "3", "--no-progress", "--no-tensorboard", "--output", str(out)]
 
 
@@ -64,13 +66,13 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert a["global_step"] == b["global_step"] == 6
     for key in ("model", "ema"):
         for name, wa in a[key].items():
-            torch.testing.assert_close(b[key][name], wa, atol=1e-5, rtol=0, msg=f"{key}.{name}")
+            torch.testing.assert_close(b[key][name], wa, atol=1e-4, rtol=0, msg=f"{key}.{name}")
     # the runs trained (same init as the engine's: seed 3 before building the model), not just agreed
     from cpubone import create_model
 
     torch.manual_seed(3)
     init = create_model("test_convnext", num_classes=10).state_dict()
-    assert max((a["model"][k] - v).abs().max().item() for k, v in init.items() if v.is_floating_point()) > 1e-3
+    assert max((a["model"][k] - v).abs().max().item() for k, v in init.items() if v.is_floating_point()) > 1e-2
     # evaluation is sharded without padding: every val image counted once, same accuracy
     ha, hb = json.loads(a["history"])[0], json.loads(b["history"])[0]
     assert ha["val_top1"] == hb["val_top1"] and ha["val_loss"] == pytest.approx(hb["val_loss"], abs=1e-5)
