@@ -27,6 +27,7 @@ __all__ = [
     "collate_skip_bad",
     "ResumableSampler",
     "build_transforms",
+    "make_loader",
     "load_rgb",
     "write_digits_imagefolder",
 ]

@@ -1,0 +1,159 @@
+"""End to end on real data (scikit-learn digits): `cpubone train` learns, writes its logs, `cpubone eval`
+agrees; fine-tuning resets the head and can freeze the backbone; a NaN loss stops the run cleanly."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpubone import create_model
+from cpubone.train import TrainConfig, TrainingDiverged, evaluate_checkpoint, get_recipe, load_training_state, train
+from cpubone.train import engine as engine_mod
+from cpubone.train.data import write_digits_imagefolder
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _subset(src: Path, dst: Path, per_class: dict, classes=None) -> Path:
+    for split, n in per_class.items():
+        for cls in sorted((src / split).iterdir()):
+            if classes is not None and cls.name not in classes:
+                continue
+            out = dst / split / cls.name
+            out.mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f, out / f.name)
+    return dst
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return write_digits_imagefolder(tmp_path_factory.mktemp("digits"), size=32)
+
+
+@pytest.fixture(scope="module")
+def short_run(digits, tmp_path_factory):
+    """The README's digits run in short: CPUBone-Nano from scratch, 3 epochs on 400 of the 1,437 images."""
+    data = _subset(digits, tmp_path_factory.mktemp("sub") / "d", {"train": 40, "val": 10})
+    out = tmp_path_factory.mktemp("run")
+    res = subprocess.run([sys.executable, "-m", "cpubone", "train", "--data", str(data), "--model", "cpubone_nano",
+                          "--recipe", "digits", "--epochs", "3", "--batch-size", "32", "--workers", "0",
+                          "--output", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return data, out, res
+
+
+def test_short_digits_run_learns_and_logs(short_run):
+    data, out, res = short_run
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # the loss falls
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_top1"] > 30.0  # chance is 10%
+    assert "epoch 1/3" in res.stderr  # tqdm progress bar
+    assert "best val top-1" in res.stdout  # final summary
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    for name in ("last.pt", "best.pt"):
+        state = load_training_state(out / name)  # weights_only=True
+        assert {"model", "ema", "optimizer", "scheduler", "rng", "config", "epoch", "global_step"} <= set(state)
+    assert json.loads(load_training_state(out / "last.pt")["config"])["recipe"]["img_size"] == 32
+
+
+def test_eval_reproduces_the_logged_accuracy(short_run):
+    data, out, _ = short_run
+    summary = json.loads((out / "summary.json").read_text())
+    res = subprocess.run([sys.executable, "-m", "cpubone", "eval", "--data", str(data), "--model", "cpubone_nano",
+                          "--checkpoint", str(out / "best_model"), "--workers", "0", "--json"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["input_size"] == 32 and r["images"] == 100 and r["classes"] == 10
+    assert r["top1"] == pytest.approx(summary["best_top1"], abs=1e-6)
+    # the full training checkpoint evaluates its (non-EMA) model weights
+    last = evaluate_checkpoint(str(data), "cpubone_nano", str(out / "last.pt"), num_workers=0)
+    assert last["top1"] == pytest.approx(json.loads(load_training_state(out / "last.pt")["history"])[-1]["val_top1"])
+
+
+def test_eval_rejects_a_classifier_of_another_size(short_run, tmp_path):
+    data, out, _ = short_run
+    three = _subset(data, tmp_path / "three", {"val": 2}, classes={"0", "1", "2"})
+    res = subprocess.run([sys.executable, "-m", "cpubone", "eval", "--data", str(three), "--model", "cpubone_nano",
+                          "--checkpoint", str(out / "best_model"), "--workers", "0"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "the classifier has 10 classes but" in res.stderr and "3 class folders" in res.stderr
+
+
+def _finetune_cfg(data, out, pretrained, **recipe):
+    r = get_recipe("finetune", "cpubone_nano").replace(epochs=1, batch_size=10, img_size=32, amp="none",
+                                                         channels_last=False, **recipe)
+    return TrainConfig(data=str(data), model="cpubone_nano", recipe=r, recipe_name="finetune", output=str(out),
+                       pretrained=str(pretrained), num_workers=0, progress=False, tensorboard=False)
+
+
+def test_finetune_resets_head_and_freezes_backbone(short_run, tmp_path):
+    data, out, _ = short_run
+    three = _subset(data, tmp_path / "three", {"train": 10, "val": 4}, classes={"3", "5", "8"})
+    torch.set_num_threads(1)
+    summary = train(_finetune_cfg(three, tmp_path / "ft", out / "best_model", freeze_backbone=True))
+    assert summary["global_steps"] == 3
+    src = create_model("cpubone_nano", pretrained=out / "best_model").state_dict()
+    tuned = load_training_state(tmp_path / "ft" / "last.pt")["model"]
+    assert tuned["head.fc.weight"].shape == (3, 1600)
+    for k, v in src.items():
+        if not k.startswith("head.fc."):
+            assert torch.equal(tuned[k], v), k  # frozen weights and BatchNorm statistics unchanged
+
+
+def test_finetune_from_timm_layout_checkpoint(short_run, tmp_path):
+    timm = pytest.importorskip("timm")
+    data, _, _ = short_run
+    two = _subset(data, tmp_path / "two", {"train": 10, "val": 2}, classes={"0", "1"})
+    torch.manual_seed(0)
+    ref = timm.create_model("cpubone_nano", num_classes=1000)
+    torch.save(ref.state_dict(), tmp_path / "timm_nano.pth")
+    train(_finetune_cfg(two, tmp_path / "ft", tmp_path / "timm_nano.pth"))
+    tuned = load_training_state(tmp_path / "ft" / "last.pt")["model"]
+    assert tuned["head.fc.weight"].shape == (2, 1600)
+    # the backbone started from the timm weights (converted to our layout) and moved a little
+    assert (tuned["stem.conv.conv.weight"] - ref.state_dict()["stem.0.conv.weight"]).abs().max() < 0.05
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(short_run, tmp_path, monkeypatch):
+    data, _, _ = short_run
+    real_create = engine_mod.create_model
+    calls = {"train": 0}
+
+    def poisoned(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls["train"] += 1
+                if calls["train"] >= 6:  # the 6th training step diverges
+                    return output * float("nan")
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(engine_mod, "create_model", poisoned)
+    torch.set_num_threads(1)
+    r = get_recipe("digits", "cpubone_nano").replace(epochs=2, batch_size=16)
+    cfg = TrainConfig(data=str(data), model="cpubone_nano", recipe=r, recipe_name="digits", output=str(tmp_path / "nan"),
+                      model_kwargs={"head_widths": [32, 32]}, checkpoint_every=2, num_workers=0, progress=False,
+                      tensorboard=False)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, global step 6 .*last good checkpoint"):
+        train(cfg)
+    state = load_training_state(tmp_path / "nan" / "last.pt")
+    assert state["global_step"] == 4 and state["step_in_epoch"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
