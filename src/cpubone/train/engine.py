@@ -360,6 +360,7 @@ def plot_curves(history: List[Dict[str, Any]], path: os.PathLike, title: str = "
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -372,6 +373,8 @@ def plot_curves(history: List[Dict[str, Any]], path: os.PathLike, title: str = "
         if any(v not in (None, "") for v in vals):
             ax2.plot(ep, vals, "o-", label=label)
     ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy (%)"), ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax2.get_legend_handles_labels()[0]:
         ax2.legend()
     if title:

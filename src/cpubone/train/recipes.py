@@ -126,7 +126,7 @@ def digits_recipe(model: str) -> Recipe:
     digit is another symbol), no Mixup/CutMix/AutoAugment (a 1.4k-image, 10-class problem does not need
     them and they need many epochs to pay off).
     """
-    return Recipe(epochs=20, batch_size=64, lr=2e-3, lr_base_batch=64, warmup_epochs=1, min_lr=1e-5,
+    return Recipe(epochs=10, batch_size=64, lr=2e-3, lr_base_batch=64, warmup_epochs=1, min_lr=1e-5,
                   img_size=32, crop_pct=1.0, scale=(0.6, 1.0), hflip=0.0, color_jitter=0.0,
                   auto_augment=None, train_interpolation="bicubic", mixup=0.0, cutmix=0.0, smoothing=0.1,
                   drop_path=0.0, ema_decay=0.99, ema_warmup=True, amp="none", channels_last=False)
