@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -45,7 +46,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", help="continue from this last.pt / best.pt")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also save last.pt every STEPS optimizer steps (default: only at epoch ends)")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes per rank")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loader processes per rank (default: min(4, CPU cores); 0 loads in the training process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels where available")
