@@ -115,7 +115,7 @@ def test_finetune_resets_head_and_freezes_backbone(short_run, tmp_path):
 
 
 def test_finetune_from_timm_layout_checkpoint(short_run, tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
     data, _, _ = short_run
     two = _subset(data, tmp_path / "two", {"train": 10, "val": 2}, classes={"0", "1"})
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import ast
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 # recipe fields that the command line can override: flag -> (field, type, help)
 _RECIPE_FLAGS = {

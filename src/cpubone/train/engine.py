@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -319,11 +319,11 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
 
 # --- visibility ----------------------------------------------------------------------------------
 class _Log:
-    """Rank-0 log lines to stdout (through tqdm so bars are not broken) and to ``train.log``."""
+    """Rank-0 log lines to stdout (through tqdm so bars are not broken) and appended to ``train.log``."""
 
     def __init__(self, out: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.file = open(out / "train.log", "a") if enabled else None
+        self.path = out / "train.log"
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
@@ -332,13 +332,8 @@ class _Log:
 
         tqdm.write(msg, file=sys.stdout)
         sys.stdout.flush()
-        assert self.file is not None
-        self.file.write(msg + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")
 
 
 def _write_csv(history: List[Dict[str, Any]], path: Path) -> None:
@@ -439,7 +434,8 @@ def _train(cfg: TrainConfig, d: _Dist, resume_state: Optional[Dict[str, Any]]) -
 
     # the same init on every rank (the EMA copies it before DDP would broadcast rank 0's weights)
     _seed_all(cfg.seed)
-    model = _build_model(cfg, num_classes)
+    # a resumed run gets its weights from the checkpoint, not from the (maybe moved) pretrained file
+    model = _build_model(cfg if resume_state is None else dataclasses.replace(cfg, pretrained=None), num_classes)
     if r.freeze_backbone:
         _freeze_backbone(model)
     if cfg.sync_bn and d.world > 1:
@@ -729,7 +725,6 @@ def _train(cfg: TrainConfig, d: _Dist, resume_state: Optional[Dict[str, Any]]) -
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log(_format_summary(summary))
-    log.close()
     return summary
 
 

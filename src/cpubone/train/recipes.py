@@ -13,7 +13,7 @@ DeiT/timm ImageNet conventions and are marked ``# not in the paper``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["Recipe", "get_recipe", "RECIPES", "paper_recipe"]
