@@ -73,6 +73,9 @@ def test_corrupt_images_are_skipped_and_counted(mixed_folder, caplog):
     assert all(b.images.shape[1:] == (3, 8, 8) for b in batches)
     assert sorted(Path(p).name for p in ds.bad_files) == ["corrupt.png", "truncated.png"]
     assert "corrupt.png" in caplog.text
+    # counted in the main process even when worker processes did the reading
+    workers = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_skip_bad, num_workers=2)
+    assert sum(b.skipped for b in workers) == 2
 
 
 def test_all_bad_batch_is_empty_not_a_crash():

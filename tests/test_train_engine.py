@@ -205,3 +205,29 @@ def test_gradient_accumulation_matches_the_full_batch(short_run, tmp_path):
 def _convnext_init():
     torch.manual_seed(0)  # TrainConfig's default seed, set before the engine builds the model
     return create_model("test_convnext", num_classes=10).state_dict()
+
+
+def _official_shapes() -> Path:
+    # the authors' release layout (key names and shapes of evalmodel.pt), in the shared reference data
+    repo = Path(__file__).resolve().parents[1]
+    for shared in (repo.parent / "shared", Path("/work/shared")):
+        f = shared / "reference" / "official" / "official_nano_state_dict_shapes.json"
+        if f.is_file():
+            return f
+    pytest.fail("reference data missing: shared/reference/official/official_nano_state_dict_shapes.json")
+
+
+def test_finetune_from_the_authors_checkpoint_layout(short_run, tmp_path):
+    data, _, _ = short_run
+    two = _subset(data, tmp_path / "two", {"train": 10, "val": 2}, classes={"6", "9"})
+    g = torch.Generator().manual_seed(0)
+    shapes = json.loads(_official_shapes().read_text())
+    sd = {k: (torch.rand(s, generator=g) + 0.5 if k.endswith("running_var") else torch.randn(s, generator=g) * 0.05)
+          if k[-19:] != "num_batches_tracked" else torch.tensor(0) for k, s in shapes.items()}
+    torch.save({"state_dict": sd}, tmp_path / "evalmodel.pt")  # wrapped like the released file
+    torch.set_num_threads(1)
+    train(_finetune_cfg(two, tmp_path / "ft", tmp_path / "evalmodel.pt", freeze_backbone=True))
+    tuned = load_training_state(tmp_path / "ft" / "last.pt")["model"]
+    assert tuned["head.fc.weight"].shape == (2, 1600)
+    assert torch.equal(tuned["stem.conv.conv.weight"], sd["backbone.input_stem.op_list.0.conv.weight"])
+    assert torch.equal(tuned["head.pre_fc.weight"], sd["head.op_list.2.linear.weight"])
