@@ -231,3 +231,19 @@ def test_finetune_from_the_authors_checkpoint_layout(short_run, tmp_path):
     assert tuned["head.fc.weight"].shape == (2, 1600)
     assert torch.equal(tuned["stem.conv.conv.weight"], sd["backbone.input_stem.op_list.0.conv.weight"])
     assert torch.equal(tuned["head.pre_fc.weight"], sd["head.op_list.2.linear.weight"])
+
+
+def test_eval_timm_checkpoint_through_our_model_and_timms(short_run, tmp_path):
+    """A timm-layout CPUBone checkpoint scores the same whether loaded into our model or timm's."""
+    import timm
+
+    data, _, _ = short_run
+    torch.manual_seed(1)
+    ref = timm.create_model("cpubone_nano", num_classes=10)
+    torch.save(ref.state_dict(), tmp_path / "timm_nano.pth")
+    torch.set_num_threads(1)
+    ours = evaluate_checkpoint(str(data), "cpubone_nano", str(tmp_path / "timm_nano.pth"), num_workers=0, img_size=32)
+    theirs = evaluate_checkpoint(str(data), "timm/cpubone_nano", str(tmp_path / "timm_nano.pth"), num_workers=0,
+                                 img_size=32)
+    assert ours["images"] == theirs["images"] == 100
+    assert ours["top1"] == theirs["top1"] and ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
