@@ -418,6 +418,8 @@ def _train(cfg: TrainConfig, d: _Dist, resume_state: Optional[Dict[str, Any]]) -
     out = Path(cfg.output)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp*"):  # half-written files of a killed run; the real ones are intact
+            stale.unlink()
     log = _Log(out, d.main)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
