@@ -96,6 +96,8 @@ def create_model(
         fc = sd.get("head.fc.weight", sd.get("head.classifier.linear.weight", sd.get("head.op_list.3.linear.weight")))
         if fc is not None and fc.shape[0] != model.num_classes:
             model.reset_classifier(fc.shape[0])
+        if num_classes is None and fc is not None:
+            want_classes = fc.shape[0]  # no saved config (e.g. a .pt): keep the checkpoint's classifier
         load_checkpoint(model, sd)
         if saved and saved.get("pretrained_cfg"):
             model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v
