@@ -253,6 +253,9 @@ class Lowtention(nn.Module):
         # Channel layout per head: [q | k | v], head-major (matches the released checkpoints).
         qkv = x.reshape(B, self.num_heads, 3 * self.head_dim, h * w).transpose(-1, -2)
         q, k, v = qkv.chunk(3, dim=-1)
+        if q.is_cuda:
+            # CUDA's fused attention kernels need aligned strides, which these strided views lack
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = F.scaled_dot_product_attention(q, k, v)
         o = o.transpose(-1, -2).reshape(B, self.num_heads * self.head_dim, h, w)
         o = self.out(o)
