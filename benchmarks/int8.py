@@ -44,15 +44,9 @@ EXCLUDE_SETS = ("", "attention", "first,last", "attention,first,last")
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+    from cpubone.analysis.machine import machine_info
 
-    return platform.processor() or platform.machine()
+    return machine_info().cpu
 
 
 def trained_like(model: nn.Module) -> nn.Module:
