@@ -35,6 +35,7 @@ import torch.nn as nn  # noqa: E402
 from cpubone import create_model, load_checkpoint  # noqa: E402
 from cpubone.analysis.latency import measure_eager, measure_onnx, ort_session  # noqa: E402
 from cpubone.analysis.macs import count_macs  # noqa: E402
+from cpubone.deploy.onednn import onednn_available, to_onednn  # noqa: E402
 from cpubone.deploy.onnx import export_onnx  # noqa: E402
 from cpubone.deploy.reparam import reparameterize  # noqa: E402
 
@@ -130,10 +131,15 @@ def main() -> int:
         "inference form (crop)": reparameterize(ours, pad_mode="crop"),
         "inference form (pad, grouped kept)": reparameterize(ours, pad_mode="pad", densify_below=0),
     }
+    # eager only: prepacked oneDNN convs with fused activations (not exportable, see cpubone.deploy.onednn)
+    eager_only = {}
+    if onednn_available():
+        eager_only["inference form (pad), oneDNN, channels_last"] = to_onednn(reparameterize(ours, pad_mode="pad"),
+                                                                              SHAPE[2:])
     x = torch.randn(SHAPE)
     with torch.no_grad():
         ref = timm_model(x)
-        diffs = {k: float((m(x) - ref).abs().max()) for k, m in variants.items()}
+        diffs = {k: float((m(x) - ref).abs().max()) for k, m in {**variants, **eager_only}.items()}
     print(f"CPUBone-B0: {macs / 1e6:.1f}M MACs (count_macs); max |ours - timm| on one input: "
           + ", ".join(f"{k}: {v:.1e}" for k, v in diffs.items()))
 
@@ -147,6 +153,8 @@ def main() -> int:
         eager[k] = (lambda m=m: measure_eager(m, SHAPE, 1, args.runs, args.warmup).median_ms)
         eager[k + ", channels_last"] = (lambda m=m: measure_eager(copy.deepcopy(m), SHAPE, 1, args.runs, args.warmup,
                                                                   channels_last=True).median_ms)
+    for k, m in eager_only.items():
+        eager[k] = (lambda m=m: measure_eager(m, SHAPE, 1, args.runs, args.warmup, channels_last=True).median_ms)
 
     tmp = Path(tempfile.mkdtemp(prefix="deploy_b0_"))
     files = {"timm cpubone_b0_bfrobust": export_onnx(timm_model, tmp / "timm.onnx", SHAPE[2:])}
@@ -193,8 +201,10 @@ def main() -> int:
             print(f"  optimized graph: {sum(nodes.values())} nodes; " + ", ".join(f"{t} {n}" for t, n in left.items()))
             results.setdefault("profiles", {})[k] = dict(ms_by_op=prof, optimized_nodes=nodes)
     if args.profile:
-        for k, m, cl in (("timm cpubone_b0_bfrobust", timm_model, False),
-                         ("inference form (pad), channels_last", variants["inference form (pad)"], True)):
+        eager_profiled = [("timm cpubone_b0_bfrobust", timm_model, False),
+                          ("inference form (pad), channels_last", variants["inference form (pad)"], True)]
+        eager_profiled += [(k, m, True) for k, m in eager_only.items()]
+        for k, m, cl in eager_profiled:
             prof = eager_profile(m, cl)
             calls = prof.pop("(aten calls per run)")
             total = sum(prof.values())
