@@ -2,14 +2,15 @@
 
 Batch 1, one thread, 224x224, identical weights: timm's ``cpubone_b0_bfrobust`` (with non-trivial
 BatchNorm statistics, or pretrained weights with --pretrained) is loaded into our ``cpubone_b0`` with
-``load_checkpoint`` (which folds timm's extra BatchNorms), then rewritten by ``reparameterize``.
+``load_checkpoint`` (which folds timm's extra BatchNorms), then rewritten by ``reparameterize``. Eager
+PyTorch also runs the inference form on oneDNN's prepacked, activation-fused convs (``to_onednn``).
 
 Goals (issue 4): eager, our inference form <= 0.6x timm's latency; ONNX Runtime, our export <= 0.9x
 timm's model exported the same way, i.e. >= 90% of this machine's fp32 GEMM MAC/s.
 
 Engines are measured in interleaved rounds (the machine may be shared); each figure is the median of
 the per-round medians. ``--profile`` adds ONNX Runtime's per-op-type profile of both exports and the
-node types left in the optimized graphs.
+node types left in the optimized graphs, and torch.profiler's per-aten-op eager profiles.
 
     python benchmarks/deploy_b0.py [--rounds 3] [--runs 30] [--pretrained] [--profile] [--json out.json]
 """
@@ -94,6 +95,32 @@ def eager_profile(model: nn.Module, channels_last: bool, runs: int = 10) -> Dict
     out = {e.key: e.self_cpu_time_total / 1000 / runs for e in rows}
     out["(aten calls per run)"] = sum(e.count for e in rows) / runs
     return out
+
+
+def onednn_kernel_ms(model: nn.Module) -> Dict[str, float]:
+    """oneDNN's own execution time of the conv primitives in one forward (its verbose log), by count and ms.
+
+    Compared with the forward's wall time it splits eager time into kernel work and everything around it
+    (op wrappers, Python, dispatch, non-conv ops).
+    """
+    x = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        sys.stdout.flush()
+        saved = os.dup(1)
+        with tempfile.TemporaryFile(mode="w+") as log:
+            os.dup2(log.fileno(), 1)  # oneDNN prints from C to fd 1
+            try:
+                with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                    model(x)
+            finally:
+                sys.stdout.flush()
+                os.dup2(saved, 1)
+                os.close(saved)
+            log.seek(0)
+            rows = [ln.strip().split(",") for ln in log if ",primitive,exec," in ln]
+    return dict(primitives=len(rows), kernel_ms=sum(float(r[-1]) for r in rows))
 
 
 def optimized_node_types(path: Path, tmp: Path) -> Dict[str, int]:
@@ -212,6 +239,13 @@ def main() -> int:
             for op, ms in list(prof.items())[:10]:
                 print(f"  {op:32s} {ms:6.3f} ms {100 * ms / total:5.1f}%")
             results.setdefault("eager_profiles", {})[k] = dict(prof, calls_per_run=calls)
+        for k, m in eager_only.items():
+            kern = onednn_kernel_ms(m)
+            wall = med["eager"][k]
+            print(f"\noneDNN kernels, {k}: {kern['primitives']} conv primitives, {kern['kernel_ms']:.2f} ms of "
+                  f"{wall:.2f} ms wall ({100 * kern['kernel_ms'] / wall:.0f}%); the rest is op wrappers, Python "
+                  "dispatch and the non-conv ops")
+            results.setdefault("onednn_kernels", {})[k] = kern
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
