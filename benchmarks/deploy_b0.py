@@ -224,7 +224,9 @@ def main() -> int:
             for op, ms in list(prof.items())[:12]:
                 print(f"  {op:24s} {ms:6.3f} ms {100 * ms / total:5.1f}%")
             nodes = optimized_node_types(files[k], tmp)
-            left = {t: nodes.get(t, 0) for t in ("Pad", "Transpose", "Reshape", "Slice", "ReorderInput", "ReorderOutput")}
+            # Gelu vs Erf: whether ORT fused the exact-GELU pattern into its Gelu op
+            shown = ("Pad", "Transpose", "Reshape", "Slice", "ReorderInput", "ReorderOutput", "Gelu", "Erf")
+            left = {t: nodes.get(t, 0) for t in shown}
             print(f"  optimized graph: {sum(nodes.values())} nodes; " + ", ".join(f"{t} {n}" for t, n in left.items()))
             results.setdefault("profiles", {})[k] = dict(ms_by_op=prof, optimized_nodes=nodes)
     if args.profile:

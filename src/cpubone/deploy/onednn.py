@@ -101,7 +101,8 @@ class OneDNNConv(nn.Module):
         return new
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "
+        out_chs, in_per_group = self.weight.shape[:2]
+        return (f"{in_per_group * self.groups}, {out_chs}, kernel_size={tuple(self.weight.shape[2:])}, "
                 f"stride={tuple(self.stride)}, groups={self.groups}, post_op={self.attr}")
 
 
