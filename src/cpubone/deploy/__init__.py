@@ -10,6 +10,7 @@ from typing import Any
 
 _LAZY = {
     "reparameterize": ".reparam",
+    "to_onednn": ".onednn",
     "export_onnx": ".onnx",
     "export_model": ".onnx",
     "verify_onnx": ".onnx",
