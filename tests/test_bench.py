@@ -77,6 +77,8 @@ def test_reparameterizable_peers_in_deploy_form():
     assert "RepVggDw" not in {type(m).__name__ for m in model.modules()}
     _, deployed = bench.build_model("mobilenetv3_large_100")
     assert not deployed
+    model, deployed = bench.build_model("cpubone_nano")  # CPUBone: its inference form (cpubone.deploy)
+    assert deployed and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
 def test_onnx_export_cached_and_matches_pytorch():
@@ -101,8 +103,9 @@ def test_bench_rows_and_reports(tmp_path):
                           progress=False)
     assert [r.model for r in res.rows] == ["cpubone_nano", "mobilenetv3_large_100"]
     nano = res.rows[0]
-    model = bench.build_model("cpubone_nano")[0]
+    model = create_model("cpubone_nano")  # timed in its inference form, counted as released
     assert nano.macs == count_macs(model, 64).total and nano.params == count_params(model)
+    assert nano.deploy_form
     assert nano.p10_ms <= nano.median_ms <= nano.p90_ms
     assert nano.gmacps == pytest.approx(nano.macs / (nano.median_ms * 1e-3) / 1e9)
     assert nano.peak_pct == pytest.approx(100 * nano.gmacps / res.peak.gmacps)

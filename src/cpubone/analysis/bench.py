@@ -105,8 +105,11 @@ def build_model(name: str, seed: int = 0) -> Tuple[nn.Module, bool]:
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = create_model(name).eval()
-    if is_cpubone(name) and not name.startswith("timm/"):
-        return model, False
+    if _ours(name):
+        # CPUBone is deployed (and exported by `cpubone export`) in its inference form
+        from ..deploy.reparam import reparameterize
+
+        return reparameterize(model, inplace=True), True
     # the hooks timm's reparameterize_model calls
     foldable = any(hasattr(m, a) for m in model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy"))
     if not foldable:
@@ -120,7 +123,8 @@ def _export_key(name: str, size: int) -> str:
 
     from .. import __version__
 
-    key = f"{name}|{size}|torch {torch.__version__}|timm {timm.__version__}|onnx {onnx.__version__}|cpubone {__version__}"
+    form = "inference-form|" if _ours(name) else ""
+    key = f"{name}|{form}{size}|torch {torch.__version__}|timm {timm.__version__}|onnx {onnx.__version__}|cpubone {__version__}"
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
     return f"{safe}_{size}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.onnx"
 
@@ -200,15 +204,29 @@ class _Entry:
     times: List[float] = field(default_factory=list)
 
 
+def _ours(name: str) -> bool:
+    return is_cpubone(name) and not name.startswith("timm/")
+
+
+def counted_model(name: str, built: nn.Module) -> nn.Module:
+    """The form whose MACs, params and blocks are reported for ``built`` (from ``build_model(name)``).
+
+    CPUBone's inference form densifies thin grouped convs (zeros outside the groups, for faster kernels):
+    its work is still the released model's, so it is counted on the training form (same module names).
+    """
+    return create_model(name).eval() if _ours(name) else built
+
+
 def _prepare(name: str, engine: str, threads: int, size: int, channels_last: bool) -> _Entry:
     model, deployed = build_model(name)
-    macs = count_macs(model, size).total
+    counted = counted_model(name, model)
+    macs = count_macs(counted, size).total
     shape = (1, getattr(model, "in_chans", 3), size, size)
     if engine == "onnxruntime":
         fn = onnx_runner(onnx_export(name, model, size), shape, threads)
     else:
         fn = eager_runner(model, shape, channels_last)
-    return _Entry(name, count_params(model), macs, deployed, fn)
+    return _Entry(name, count_params(counted), macs, deployed, fn)
 
 
 def run_bench(

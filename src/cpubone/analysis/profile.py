@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .bench import build_model, check_args, onnx_export
+from .bench import build_model, check_args, counted_model, onnx_export
 from .latency import measure_eager, measure_onnx, ort_session, torch_threads
 from .machine import gemm_peak, machine_info
 from .macs import MacReport, count_macs
@@ -244,8 +244,9 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
     """
     check_args([name], engine, threads, size, runs, warmup)
     model, _ = build_model(name)
-    report: MacReport = count_macs(model, size)
-    units = block_units(model)
+    counted = counted_model(name, model)
+    report: MacReport = count_macs(counted, size)
+    units = block_units(counted)
     shape = (1, getattr(model, "in_chans", 3), size, size)
     modules = [n for n, _ in model.named_modules()]
     if engine == "onnxruntime":
