@@ -37,3 +37,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 fan_in = t[0].numel()
                 t.copy_(torch.randn(t.shape, generator=g) / fan_in ** 0.5)
     return model
+
+
+def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial norm statistics and affines, as after training (fresh ones make folding a no-op); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) and m.weight is not None:
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.6 - 0.3)
+    return model.eval()

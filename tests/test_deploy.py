@@ -19,26 +19,12 @@ from cpubone.deploy.preprocess import PreprocessConfig
 from cpubone.deploy.quantize import quantize_onnx
 from cpubone.deploy.reparam import is_reparameterized, reparameterize
 
-torch.set_num_threads(1)
-
-
-def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial norm statistics and affines, as after training (fresh ones make folding a no-op)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
-            m.weight.data.copy_(torch.rand(m.num_features if hasattr(m, "num_features") else m.num_channels,
-                                           generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.6 - 0.3)
-    return model.eval()
+from conftest import trained_like
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_inference_form_matches_training_form(name):
-    model = _trained_like(create_model(name))
+    model = trained_like(create_model(name))
     fused = reparameterize(model)
     assert is_reparameterized(fused) and not is_reparameterized(model)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in fused.modules())
@@ -51,7 +37,7 @@ def test_inference_form_matches_training_form(name):
 
 
 def test_fuse_method_pad_modes_and_channels_last():
-    model = _trained_like(create_model("cpubone_t0"))
+    model = trained_like(create_model("cpubone_t0"))
     x = torch.randn(1, 3, 45, 61)
     with torch.no_grad():
         ref = model(x)
@@ -80,7 +66,7 @@ def test_densify_groups_is_exact_and_used_for_narrow_groups():
 
 
 def test_timm_bfrobust_weights_to_inference_form():
-    timm_model = _trained_like(create_model("timm/cpubone_b0_bfrobust"))
+    timm_model = trained_like(create_model("timm/cpubone_b0_bfrobust"))
     ours = create_model("cpubone_b0").eval()
     load_checkpoint(ours, timm_model.state_dict())  # folds timm's extra BatchNorms
     fused = reparameterize(ours)
@@ -94,7 +80,7 @@ def test_timm_bfrobust_weights_to_inference_form():
 @pytest.fixture(scope="module")
 def nano_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "nano.onnx"
-    model = _trained_like(create_model("cpubone_nano"))
+    model = trained_like(create_model("cpubone_nano"))
     report = export_model(model, path, input_size=(64, 64), dynamic=True)
     return model, path, report
 
@@ -127,7 +113,7 @@ def test_export_metadata_and_verification(nano_onnx):
 
 def test_verification_fails_loudly(nano_onnx, tmp_path, monkeypatch, capsys):
     model, path, _ = nano_onnx
-    other = _trained_like(create_model("cpubone_nano"), seed=5)
+    other = trained_like(create_model("cpubone_nano"), seed=5)
     with pytest.raises(ExportVerificationError, match="max abs difference"):
         verify_onnx(other, path, PreprocessConfig(input_size=(3, 64, 64)), photos=[])
 

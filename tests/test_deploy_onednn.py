@@ -13,25 +13,12 @@ from cpubone.deploy import onednn
 from cpubone.deploy.onednn import OneDNNConv, to_onednn
 from cpubone.deploy.reparam import ConvAct, reparameterize
 
-torch.set_num_threads(1)
-
-
-def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial norm statistics and affines (fresh ones make folding a no-op)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.6 - 0.3)
-    return model.eval()
+from conftest import trained_like
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_onednn_form_matches_training_form(name):
-    model = _trained_like(create_model(name))
+    model = trained_like(create_model(name))
     fast = to_onednn(reparameterize(model), input_size=(64, 64))
     assert not any(isinstance(m, (ConvAct, nn.Conv2d)) for m in fast.modules())
     g = torch.Generator().manual_seed(1)
@@ -46,7 +33,7 @@ def test_onednn_form_matches_training_form(name):
 
 
 def test_onednn_post_ops_fused_and_model_still_a_module():
-    model = _trained_like(create_model("cpubone_t0"))
+    model = trained_like(create_model("cpubone_t0"))
     inference = reparameterize(model, pad_mode="crop")
     numel = sum(t.numel() for t in inference.state_dict().values())
     fast = to_onednn(inference, input_size=(64, 64))

@@ -19,15 +19,6 @@ from cpubone.downstream.engine import DetectionTrainConfig, evaluate_detection, 
 from cpubone.downstream.metrics import coco_detection_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread (the machine is shared; results are deterministic), restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("coco")

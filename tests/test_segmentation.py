@@ -19,15 +19,6 @@ from cpubone.downstream.metrics import ConfusionMatrix
 from cpubone.downstream.segmentation import create_semantic_fpn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread (the machine is shared; results are deterministic), restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def ade_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ade")
