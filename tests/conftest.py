@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,14 @@ def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.6 - 0.3)
     return model.eval()
+
+
+def subset_imagefolder(src: Path, dst: Path, per_class: dict) -> Path:
+    """Copy the first ``n`` images of every class of each split ``{split: n}`` from ``src`` to ``dst``."""
+    for split, n in per_class.items():
+        for cls in sorted((src / split).iterdir()):
+            out = dst / split / cls.name
+            out.mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f, out / f.name)
+    return dst

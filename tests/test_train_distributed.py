@@ -10,7 +10,6 @@ gradients show up as ~1e-5 in the weights.
 """
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,17 +21,9 @@ import torch
 from cpubone.train.data import write_digits_imagefolder
 from cpubone.train.engine import load_training_state
 
+from conftest import subset_imagefolder
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def _subset(src: Path, dst: Path, per_class: dict) -> Path:
-    for split, n in per_class.items():
-        for cls in sorted((src / split).iterdir()):
-            out = dst / split / cls.name
-            out.mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:n]:
-                shutil.copy(f, out / f.name)
-    return dst
 
 
 def _free_port() -> int:
@@ -49,7 +40,7 @@ def _args(data: Path, out: Path):
 
 def test_two_gloo_processes_match_one(tmp_path):
     full = write_digits_imagefolder(tmp_path / "full", size=32)
-    data = _subset(full, tmp_path / "d", {"train": 5, "val": 3})  # 50 images: 6 steps of 8
+    data = subset_imagefolder(full, tmp_path / "d", {"train": 5, "val": 3})  # 50 images: 6 steps of 8
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "cpubone.train", *_args(data, tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)

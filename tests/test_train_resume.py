@@ -5,7 +5,6 @@ two runs are bitwise identical because the data order, augmentation, Mixup, Drop
 streams and the schedule are all restored.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,24 +16,16 @@ import torch
 from cpubone.train.data import write_digits_imagefolder
 from cpubone.train.engine import load_training_state
 
+from conftest import subset_imagefolder
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 INTERVAL = 3  # --checkpoint-every
-
-
-def _subset(src: Path, dst: Path, per_class: dict) -> Path:
-    for split, n in per_class.items():
-        for cls in sorted((src / split).iterdir()):
-            out = dst / split / cls.name
-            out.mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:n]:
-                shutil.copy(f, out / f.name)
-    return dst
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     full = write_digits_imagefolder(tmp_path_factory.mktemp("digits_full"), size=24)
-    return _subset(full, tmp_path_factory.mktemp("digits") / "d", {"train": 16, "val": 4})
+    return subset_imagefolder(full, tmp_path_factory.mktemp("digits") / "d", {"train": 16, "val": 4})
 
 
 def _cmd(data: Path, out: Path, *extra: str):

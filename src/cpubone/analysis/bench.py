@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..models import VARIANTS, create_model, is_cpubone
-from .latency import LatencyResult, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
+from .latency import LatencyResult, check_timing_args, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
 from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info
 from .macs import count_macs, count_params
 
@@ -73,14 +73,9 @@ def check_args(models: Sequence[str], engine: str = "onnxruntime", threads: int 
     """Reject bad input before any work starts, naming the problem."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
-    if threads < 1:
-        raise ValueError(f"threads={threads}: need at least 1 thread")
+    check_timing_args(threads, runs, warmup)
     if size < 32:
         raise ValueError(f"size={size}: input side must be at least 32 pixels (the networks downsample by 32)")
-    if runs < 1:
-        raise ValueError(f"runs={runs}: need at least 1 timed run")
-    if warmup < 0:
-        raise ValueError(f"warmup={warmup}: cannot be negative")
     if not models:
         raise ValueError("no models given")
     import timm

@@ -41,7 +41,8 @@ class LatencyResult:
         return asdict(self)
 
 
-def _check(threads: int, runs: int, warmup: int) -> None:
+def check_timing_args(threads: int, runs: int, warmup: int) -> None:
+    """Reject a thread count below 1, no timed run, or negative warm-up, naming the value."""
     if threads < 1:
         raise ValueError(f"threads={threads}: need at least 1 thread")
     if runs < 1:
@@ -57,7 +58,7 @@ def time_callable(fn: Callable[[], object], runs: int = 50, warmup: int = 10, th
     ``times``: a list the raw per-call times (ms) are appended to, for callers that interleave several
     models in rounds and summarize all rounds at the end (``summarize_times``).
     """
-    _check(threads, runs, warmup)
+    check_timing_args(threads, runs, warmup)
     for _ in range(warmup):
         fn()
     run_times: List[float] = []
@@ -113,7 +114,7 @@ def onnx_runner(path: Union[str, os.PathLike], input_shape: Sequence[int], threa
 def measure_onnx(path: Union[str, os.PathLike], input_shape: Sequence[int], threads: int = 1, runs: int = 50,
                  warmup: int = 10, seed: int = 0) -> LatencyResult:
     """Batch-1 latency of an ONNX file in ONNX Runtime."""
-    _check(threads, runs, warmup)
+    check_timing_args(threads, runs, warmup)
     return time_callable(onnx_runner(path, input_shape, threads, seed), runs, warmup, threads, "onnxruntime")
 
 
@@ -151,7 +152,7 @@ def measure_eager(model, input_shape: Sequence[int], threads: int = 1, runs: int
     """Batch-1 latency of a PyTorch model in eager mode under ``torch.inference_mode``."""
     import torch
 
-    _check(threads, runs, warmup)
+    check_timing_args(threads, runs, warmup)
     fn = eager_runner(model, input_shape, channels_last, seed)
     with torch_threads(threads), torch.inference_mode():
         return time_callable(fn, runs, warmup, threads, "eager" + ("-cl" if channels_last else ""))
