@@ -110,13 +110,10 @@ def _resolve(cfg: Any, preset: Any) -> Dict[str, Any]:
 
 # --- shared pieces ------------------------------------------------------------------------------
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
-    """``torch.save`` to a temp file then ``os.replace``: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    """Atomic ``torch.save`` (temp file, fsync, rename): a crash never leaves a half-written checkpoint."""
+    from ..models.checkpoints import atomic_torch_save
+
+    return atomic_torch_save(state, path)
 
 
 def _read_checkpoint(path: PathLike) -> Dict[str, Any]:

@@ -38,6 +38,7 @@ __all__ = [
     "load_checkpoint",
     "save_pretrained",
     "read_pretrained_config",
+    "atomic_torch_save",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -307,6 +308,20 @@ def load_checkpoint(
     sd = {k: v.to(own[k].dtype) for k, v in sd.items() if k in own}
     model.load_state_dict(sd, strict=False)
     return dict(layout=layout, missing=missing, unexpected=unexpected)
+
+
+def atomic_torch_save(state: Any, path: PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a kill at any
+    moment leaves either the old or the new file, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 # --- our format -----------------------------------------------------------------------------------

@@ -201,13 +201,9 @@ def _seed_all(seed: int) -> None:
 def save_training_state(state: Dict[str, Any], path: os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a kill at any
     moment leaves either the old or the new file, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from ..models.checkpoints import atomic_torch_save
+
+    atomic_torch_save(state, path)
 
 
 def load_training_state(path: os.PathLike) -> Dict[str, Any]:
