@@ -145,6 +145,10 @@ def test_save_pretrained_round_trip(tmp_path):
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         assert torch.equal(alone.eval()(x), model(x))
+    # another input channel count: the pretrained stem is adapted (timm's adapt_input_conv sums RGB for 1)
+    gray = cpubone.create_model("cpubone_t0", pretrained=tmp_path / "t0", in_chans=1)
+    torch.testing.assert_close(gray.stem.conv.conv.weight, model.stem.conv.conv.weight.sum(1, keepdim=True))
+    assert gray.eval()(torch.randn(1, 1, 40, 40)).shape == (1, 12)
     # fine-tuning start: new class count, backbone weights kept
     ft = cpubone.create_model("cpubone_t0", pretrained=tmp_path / "t0", num_classes=3)
     assert ft.num_classes == 3 and torch.equal(ft.stem.conv.conv.weight, model.stem.conv.conv.weight)

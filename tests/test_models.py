@@ -45,9 +45,10 @@ def test_every_variant_runs_any_size_eval(size):
             assert tuple(f.shape[-2:]) == tuple(-(-s // stride) for s in size), (name, f.shape)
 
 
-@pytest.mark.parametrize("size", [(33, 33), (240, 240), (320, 240), (97, 131)])
+@pytest.mark.parametrize("size", [(224, 224), (240, 240), (256, 256), (320, 240), (513, 513), (33, 33), (97, 131)])
 def test_every_variant_trains_any_size(size):
-    x = torch.randn(2, 3, *size)
+    torch.manual_seed(0)  # DropPath may drop a whole branch of a tiny batch: fixed draws keep this deterministic
+    x = torch.randn(1 if size[0] > 320 else 2, 3, *size)
     for name in ALL:
         model = cpubone.create_model(name, num_classes=7, drop_path_rate=0.1).train()
         loss = model(x).logsumexp(1).mean()
@@ -59,13 +60,11 @@ def test_every_variant_trains_any_size(size):
         assert model.stages[-1].blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
 
 
-def test_large_variants_train_at_513():
-    x = torch.randn(2, 3, 513, 513)
-    for name in ("cpubone_b0", "cpubone_b3"):
-        model = cpubone.create_model(name, num_classes=3)
-        model.set_grad_checkpointing(True)
-        model(x).sum().backward()
-        assert torch.isfinite(model.stem.conv.conv.weight.grad).all()
+def test_grad_checkpointing_at_513():
+    model = cpubone.create_model("cpubone_b0", num_classes=3)
+    model.set_grad_checkpointing(True)
+    model(torch.randn(1, 3, 513, 513)).sum().backward()
+    assert torch.isfinite(model.stem.conv.conv.weight.grad).all()
 
 
 def test_grad_checkpointing_gives_same_gradients():
