@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def fold_pads(src: Path, dst: Path) -> int:
@@ -53,7 +54,8 @@ def fold_pads(src: Path, dst: Path) -> int:
 
 
 def main(argv=None) -> int:
-    from cpubone.analysis.bench import build_model, onnx_export
+    from cpubone import create_model
+    from cpubone.deploy.onnx import export_onnx
     from cpubone.analysis.latency import onnx_runner, ort_session, summarize_times, time_callable
     from cpubone.analysis.machine import machine_info
 
@@ -65,10 +67,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args(argv)
 
-    model, _ = build_model(args.model)
-    src = onnx_export(args.model, model, args.size)
+    # the plain (training-form) export: cpubone.deploy's inference form already exports fusable pads
+    torch.manual_seed(0)
+    model = create_model(args.model).eval()
     shape = (1, 3, args.size, args.size)
     with tempfile.TemporaryDirectory() as tmp:
+        src = export_onnx(model, Path(tmp) / "plain.onnx", (args.size, args.size))
         dst = Path(tmp) / "folded.onnx"
         n = fold_pads(src, dst)
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
