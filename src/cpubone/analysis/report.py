@@ -85,6 +85,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_pareto(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
     """Top-1 vs measured latency (p10-p90 whiskers), CPUBone and peers, with the Pareto front."""
     plt = _pyplot()
@@ -111,12 +120,7 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 BENCH_COLUMNS = [
@@ -177,12 +181,7 @@ def plot_profile(kinds: Sequence[Dict[str, Any]], path: Path, title: str, peak_g
     a2.set_xlabel("GMAC/s")
     a2.invert_yaxis()
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_blocks(records: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
@@ -212,9 +211,4 @@ def plot_blocks(records: Sequence[Dict[str, Any]], path: Path, title: str) -> Pa
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
