@@ -1,8 +1,7 @@
 """cpubone: CPUBone vision backbones for CPUs, and the tools to measure, deploy, train and transfer them."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -14,12 +13,4 @@ _LAZY = {name: ".models" for name in ("create_model", "list_models", "load_check
 __all__ = ["create_model", "list_models", "load_checkpoint", "save_pretrained", "CPUBone", "VARIANTS",
            "CheckpointError", "__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
