@@ -1,7 +1,7 @@
 """Proof that detection and segmentation learn: train on synthetic shapes (written in the real COCO / ADE20K
 formats) for a few CPU minutes, then report COCO AP and mIoU on held-out images next to the untrained model.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/downstream_synthetic.py --out /tmp/downstream_proof
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/downstream_synthetic.py --out runs/downstream_proof
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/downstream_synthetic.py --quick   # a short smoke run
 
 The goal (issue 6): AP50 >= 0.5 and mIoU >= 0.5 on the held-out synthetic images. The backbone starts from
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from cpubone.downstream.segmentation import create_semantic_fpn
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("/tmp/cpubone_downstream_proof"))
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cpubone_downstream_proof")
     p.add_argument("--backbone", default="cpubone_nano")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--train-images", type=int, default=200)

@@ -1,5 +1,4 @@
 """Checkpoints: the authors' and timm's layouts, the Hugging Face path, our format, and safety."""
-import importlib.util
 import json
 import os
 import pickle
@@ -17,6 +16,7 @@ from cpubone.models import VARIANTS, CheckpointError, load_checkpoint, read_stat
 from cpubone.models.checkpoints import convert_state_dict, detect_layout
 
 from conftest import randomize_
+from official import official_logits, official_state_dict
 
 # released variant -> (official shapes file, timm model with the release's structure, timm model to load from)
 OFFICIAL = {
@@ -36,33 +36,26 @@ TIMM = {
 }
 
 
-def _det_weights(official_dir, tag):
-    spec = importlib.util.spec_from_file_location("det_weights", official_dir / "det_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    shapes = json.loads((official_dir / f"official_{tag}_state_dict_shapes.json").read_text())
-    return {k: torch.from_numpy(np.asarray(v)) for k, v in mod.det_weights(shapes, seed=0).items()}
-
-
 @pytest.mark.parametrize("name,tag", [("cpubone_b0", "b0"), ("cpubone_t0", "t0")])
-def test_official_logits_match_original_code(official_dir, name, tag):
-    sd = _det_weights(official_dir, tag)
+def test_official_logits_match_original_code(name, tag):
+    sd = official_state_dict(tag)
     assert detect_layout(sd) == "official"
     model = cpubone.create_model(name).double().eval()
     load_checkpoint(model, {"state_dict": sd})  # wrapped like the released evalmodel.pt
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 224, 224)))
     with torch.no_grad():
         logits = model(x).numpy()
-    ref = np.load(official_dir / f"official_{tag}_logits_seed0.npy")
-    assert np.abs(logits - ref).max() <= 1e-6
+    ref = official_logits(tag)
+    assert ref.shape == logits.shape == (2, 1000)
+    assert np.abs(logits - ref).max() <= 1e-12  # float64 rounding: the same computation
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
-def test_every_official_variant_converts_exactly(official_dir, name):
+def test_every_official_variant_converts_exactly(name):
     """Each variant's official layout -> ours equals the original structure (timm built without
     its extra norms, loading the official keys through timm's own converter), in float64."""
     tag, timm_name = OFFICIAL[name]
-    sd = _det_weights(official_dir, tag)
+    sd = official_state_dict(tag)
     ref = timm.create_model(timm_name, local_mbconv_norm="proj").double().eval()
     from timm.models.cpubone import checkpoint_filter_fn
     ref.load_state_dict(checkpoint_filter_fn(dict(sd), ref))
