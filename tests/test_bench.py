@@ -60,6 +60,11 @@ def test_published_top1_sources():
     top1, src = bench.published_top1("repvit_m1_1")
     assert top1 == 79.4 and "RepViT" in src
     assert bench.published_top1("resnet18") == (None, "")
+    # names mean what create_model builds (one resolver): timm's port is a peer, not the authors' release
+    assert bench.published_top1("cpubone_b0.r224_in1k")[0] == 77.6
+    assert bench.published_top1("timm/cpubone_nano") == (None, "")
+    with pytest.raises(ValueError, match="unknown model 'timm/cpubone_b0': timm has no model 'cpubone_b0'"):
+        bench.check_args(["cpubone_nano", "timm/cpubone_b0"])
     # every default model has a published figure to plot
     assert all(bench.published_top1(m)[0] is not None for m in bench.DEFAULT_MODELS)
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..models import VARIANTS, create_model, is_cpubone
+from ..models import VARIANTS, create_model, resolve_model_name
 from .latency import LatencyResult, check_timing_args, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
 from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info
 from .macs import count_macs, count_params
@@ -51,13 +51,13 @@ PEER_TOP1: Dict[str, Tuple[float, str]] = {
 
 def published_top1(name: str) -> Tuple[Optional[float], str]:
     """Published top-1 of ``name`` and where it comes from (None, '' when we have no figure)."""
-    base = name[len("timm/"):] if name.startswith("timm/") else name
-    if is_cpubone(base) and not name.startswith("timm/"):
-        cfg = VARIANTS[base.split(".")[0]]
+    resolved = resolve_model_name(name)
+    if resolved.source == "cpubone":
+        cfg = VARIANTS[resolved.name]
         if cfg.top1 is not None:
             return cfg.top1, f"Nottebaum et al., CPUBone, CVPR Findings 2026 ({cfg.published_name}, authors' release)"
         return None, ""
-    return PEER_TOP1.get(base.split(".")[0], (None, ""))
+    return PEER_TOP1.get(resolved.name.split(".")[0], (None, ""))
 
 
 def cache_dir() -> Path:
@@ -78,14 +78,8 @@ def check_args(models: Sequence[str], engine: str = "onnxruntime", threads: int 
         raise ValueError(f"size={size}: input side must be at least 32 pixels (the networks downsample by 32)")
     if not models:
         raise ValueError("no models given")
-    import timm
-
-    known = set(timm.list_models())
     for name in models:
-        base = name[len("timm/"):] if name.startswith("timm/") else name
-        if not (is_cpubone(name) and not name.startswith("timm/")) and base.split(".")[0] not in known:
-            raise ValueError(f"unknown model {name!r}: not a CPUBone variant ({', '.join(VARIANTS)}) "
-                             f"and not a timm model")
+        resolve_model_name(name)  # unknown names fail here, before any measuring
 
 
 def build_model(name: str, seed: int = 0) -> Tuple[nn.Module, bool]:
@@ -200,7 +194,7 @@ class _Entry:
 
 
 def _ours(name: str) -> bool:
-    return is_cpubone(name) and not name.startswith("timm/")
+    return resolve_model_name(name).source == "cpubone"
 
 
 def counted_model(name: str, built: nn.Module) -> nn.Module:
@@ -285,7 +279,7 @@ def run_bench(
         gmacps = lat.macps(e.macs)
         top1, source = published_top1(e.name)
         rows.append(BenchRow(
-            model=e.name, family="CPUBone" if is_cpubone(e.name) and not e.name.startswith("timm/") else "peer",
+            model=e.name, family="CPUBone" if _ours(e.name) else "peer",
             params=e.params, macs=e.macs, median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms,
             min_ms=lat.min_ms, gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps, top1=top1, top1_source=source,
             deploy_form=e.deployed, latency=lat,
