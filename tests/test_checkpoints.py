@@ -175,6 +175,39 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_pickled_code_in_a_torch_save_file_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    state = cpubone.create_model("cpubone_nano").state_dict()
+    for legacy in (False, True):  # torch's zip format and its older pickle stream
+        path = tmp_path / f"evil_{legacy}.pt"
+        torch.save({"state_dict": state, "extra": _Payload(marker)}, path, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(CheckpointError) as e:
+            cpubone.create_model("cpubone_nano", pretrained=path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: refused to load") and "GLOBAL" in msg and "system" in msg and "\n" not in msg
+    assert not marker.exists()
+    # the older format itself loads when it holds only tensors
+    torch.save({"state_dict": state}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    other = cpubone.create_model("cpubone_nano", pretrained=tmp_path / "old.pt")
+    assert torch.equal(other.head.fc.weight, state["head.fc.weight"])
+
+
+@pytest.mark.parametrize("content, needle", [
+    (np.random.default_rng(0).bytes(4096), "not a checkpoint: neither safetensors nor a file written by torch.save"),
+    (b"", "not a checkpoint: the file is empty"),
+    (b"hello, this is text\n", "not a checkpoint: neither safetensors nor a file written by torch.save"),
+    (b"PK\x03\x04" + np.random.default_rng(1).bytes(200), "cannot read the checkpoint (truncated or corrupt?)"),
+    (pickle.dumps({"w": [1.0, 2.0]}, protocol=4), "refused to load: a plain Python pickle, not a torch.save file"),
+])
+def test_files_that_are_no_checkpoint_fail_in_one_line_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        cpubone.create_model("cpubone_nano", pretrained=path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and needle in msg and "\n" not in msg
+
+
 def test_truncated_files_fail_clearly(tmp_path):
     model = cpubone.create_model("cpubone_nano")
     torch.save(model.state_dict(), tmp_path / "a.pt")
