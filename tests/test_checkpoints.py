@@ -208,6 +208,13 @@ def test_files_that_are_no_checkpoint_fail_in_one_line_naming_the_file(tmp_path,
     assert msg.startswith(f"{path}: ") and needle in msg and "\n" not in msg
 
 
+def test_broken_saved_config_names_the_file(tmp_path):
+    save_pretrained(cpubone.create_model("cpubone_nano"), tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"d/config\.json: the saved model config is not valid JSON"):
+        cpubone.create_model("cpubone_nano", pretrained=tmp_path / "d")
+
+
 def test_truncated_files_fail_clearly(tmp_path):
     model = cpubone.create_model("cpubone_nano")
     torch.save(model.state_dict(), tmp_path / "a.pt")

@@ -409,7 +409,7 @@ def read_pretrained_config(path: PathLike) -> Optional[Dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         if (path / CONFIG_NAME).is_file():
-            return json.loads((path / CONFIG_NAME).read_text())
+            return _parse_config((path / CONFIG_NAME).read_text(), path / CONFIG_NAME)
         path = path / WEIGHTS_NAME
     if path.is_file() and (path.suffix == ".safetensors" or _is_safetensors(path)):
         from safetensors import safe_open
@@ -417,8 +417,18 @@ def read_pretrained_config(path: PathLike) -> Optional[Dict[str, Any]]:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-        except Exception:
+        except Exception:  # safetensors' own error types; read_state_dict reports the damaged file
             return None
         if "cpubone_config" in meta:
-            return json.loads(meta["cpubone_config"])
+            return _parse_config(meta["cpubone_config"], path)
     return None
+
+
+def _parse_config(text: str, source: Path) -> Dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: the saved model config is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: the saved model config is not a JSON object")
+    return config
