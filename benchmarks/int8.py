@@ -37,7 +37,8 @@ from PIL import Image
 from cpubone import create_model
 from cpubone.analysis.latency import measure_onnx, ort_session
 from cpubone.deploy.onnx import export_model, read_metadata, sample_photos
-from cpubone.deploy.preprocess import PreprocessConfig, list_images, preprocess
+from cpubone.deploy.preprocess import PreprocessConfig, preprocess
+from cpubone.images import list_images
 from cpubone.deploy.quantize import quantize_onnx
 
 EXCLUDE_SETS = ("", "attention", "first,last", "attention,first,last")
