@@ -89,10 +89,12 @@ def open_image(path: PathLike) -> Image.Image:
 
 def exif_orientation(image: Union[PathLike, Image.Image]) -> int:
     """The EXIF orientation tag (1..8; 1 = as stored, also when there is none). Reads only the header."""
-    if isinstance(image, Image.Image):
-        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
-    with Image.open(image) as img:
-        return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as img:
+            return exif_orientation(img)
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    # a malformed tag (out of range, not an integer) is treated as absent, as exif_transpose does
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
