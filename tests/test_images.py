@@ -101,6 +101,25 @@ def test_rules(tmp_path):
     assert (np.asarray(decode_image(upright)) == out["exif_rotated"]).all()
 
 
+def test_16bit_gray_and_colour_agree(tmp_path):
+    """Pillow reduces 16-bit RGB PNGs to their high byte itself; 16-bit gray must get the same scale."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    values = np.array([0x0000, 0x12FF, 0x3400, 0x80FF, 0xFEFF, 0xFFFF], ">u2")
+    rgb48 = tmp_path / "rgb48.png"  # Pillow cannot write 16-bit colour PNGs: a 6x1 one by hand
+    rows = b"\x00" + np.repeat(values, 3).tobytes()
+    rgb48.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 6, 1, 16, 2, 0, 0, 0))
+                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray(values.astype(np.uint16)[None]).save(gray16)
+    colour, gray = np.asarray(decode_image(rgb48)), np.asarray(decode_image(gray16))
+    assert (colour == gray).all() and (gray[0, :, 0] == values >> 8).all()
+
+
 def test_arrays_follow_the_same_rules():
     u16 = np.array([[0, 257, 65535], [256, 255, 32768]], np.uint16)
     assert (np.asarray(decode_image(u16))[..., 0] == u16 >> 8).all()
