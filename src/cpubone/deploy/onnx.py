@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .preprocess import PreprocessConfig, preprocess
+from .preprocess import ImageLike, PreprocessConfig, preprocess
 
 __all__ = ["export_onnx", "export_model", "verify_onnx", "model_metadata", "read_metadata", "sample_photos",
-           "ExportReport", "ExportVerificationError", "DEFAULT_OPSET", "METADATA_PREFIX"]
+           "photo_inputs", "ExportReport", "ExportVerificationError", "DEFAULT_OPSET", "METADATA_PREFIX"]
 
 DEFAULT_OPSET = 18
 # keys of the preprocessing (PreprocessConfig fields) are stored bare; these carry the rest
@@ -145,6 +145,16 @@ def sample_photos(names: Sequence[str] = SKIMAGE_PHOTOS) -> List[Tuple[str, np.n
     return [(n, getattr(data, n)()) for n in names]
 
 
+def photo_inputs(cfg: PreprocessConfig, photos: Optional[Sequence[Tuple[str, ImageLike]]] = None
+                 ) -> List[Tuple[str, np.ndarray]]:
+    """Photos as model inputs ``("photo NAME", (1, C, H, W) float32)``: the shared decoder and eval preprocessing.
+
+    ``photos`` are (name, image file / PIL image / array) pairs; default ``sample_photos()``.
+    """
+    return [(f"photo {name}", preprocess(img, cfg, name)[None])
+            for name, img in (photos if photos is not None else sample_photos())]
+
+
 @dataclass
 class VerifyResult:
     """One comparison of ONNX Runtime against PyTorch."""
@@ -194,7 +204,7 @@ def verify_onnx(
     cfg: PreprocessConfig,
     dynamic: bool = False,
     tolerance: float = 1e-4,
-    photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None,
+    photos: Optional[Sequence[Tuple[str, ImageLike]]] = None,
     seed: int = 0,
 ) -> List[VerifyResult]:
     """Compare ONNX Runtime (``path``) with ``model`` in PyTorch on random inputs and on real photos.
@@ -211,8 +221,7 @@ def verify_onnx(
     inputs: List[Tuple[str, np.ndarray]] = []
     for h, w in _verify_sizes(cfg.input_size[1:], dynamic):
         inputs.append((f"random {h}x{w}", rng.standard_normal((1, cfg.input_size[0], h, w)).astype(np.float32)))
-    for name, img in (photos if photos is not None else sample_photos()):
-        inputs.append((f"photo {name}", preprocess(img, cfg, name)[None]))
+    inputs += photo_inputs(cfg, photos)
     results = []
     for name, x in inputs:
         with torch.no_grad():
@@ -312,16 +321,15 @@ def export_model(
 
 
 def compare_onnx(reference: Union[str, os.PathLike], candidate: Union[str, os.PathLike], cfg: PreprocessConfig,
-                 photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None) -> List[VerifyResult]:
+                 photos: Optional[Sequence[Tuple[str, ImageLike]]] = None) -> List[VerifyResult]:
     """Two ONNX files on the same real photos: max abs difference and top-1 agreement (no tolerance)."""
     from ..analysis.latency import ort_session
 
     ref_sess, cand_sess = ort_session(reference), ort_session(candidate)
     results = []
-    for name, img in (photos if photos is not None else sample_photos()):
-        x = preprocess(img, cfg, name)[None]
+    for name, x in photo_inputs(cfg, photos):
         a = ref_sess.run(None, {"input": x})[0]
         b = cand_sess.run(None, {"input": x})[0]
-        results.append(VerifyResult(f"photo {name}", tuple(x.shape), float(np.abs(a - b).max()),
+        results.append(VerifyResult(name, tuple(x.shape), float(np.abs(a - b).max()),
                                     float(np.abs(a).max()), bool((a.argmax(-1) == b.argmax(-1)).all())))
     return results

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .onnx import ExportReport, ExportVerificationError, VerifyResult, sample_photos
-from .preprocess import PreprocessConfig, preprocess
+from .onnx import ExportReport, ExportVerificationError, VerifyResult, photo_inputs
+from .preprocess import PreprocessConfig
 
 __all__ = ["export_tflite", "export_tflite_model", "litert_interpreter", "measure_litert"]
 
@@ -98,7 +98,7 @@ def export_tflite_model(model: Union[str, nn.Module], output: Union[str, os.Path
     cfg = PreprocessConfig.from_data_config(data_cfg)
     it = litert_interpreter(output)
     inputs = [("random", np.random.default_rng(0).standard_normal((1, cfg.input_size[0], *input_size)).astype(np.float32))]
-    inputs += [(f"photo {n}", preprocess(img, cfg, n)[None]) for n, img in sample_photos()]
+    inputs += photo_inputs(cfg)
     report = ExportReport(str(output), name, tuple(input_size), False, 0, tolerance)
     for label, x in inputs:
         with torch.no_grad():

@@ -10,7 +10,10 @@ Formats, exactly as the public datasets ship them:
 Augmentations use ``torchvision.transforms.v2`` with ``tv_tensors`` so boxes and masks follow the image
 through resize, crop and flip. Annotations are checked when read: a bad box, an undeclared category, a
 missing file or a mask value out of range raises ``AnnotationError`` naming the file and the annotation.
-Images that exist but cannot be decoded are skipped and counted (``collate_skip`` drops them).
+Images are read by the shared decoder (``cpubone.images.decode_image``: EXIF orientation applied, so
+annotations refer to the upright image; an image whose size disagrees with its annotation raises
+``AnnotationError``). Images that exist but cannot be decoded are skipped and counted (``collate_skip``
+drops them); masks are read as stored.
 """
 from __future__ import annotations
 
@@ -28,14 +31,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, exif_orientation, open_image
+
 __all__ = [
     "AnnotationError", "CocoDetection", "SegmentationFolder", "detection_transforms", "segmentation_transforms",
     "collate_skip", "SYNTHETIC_CLASSES", "synthetic_scene", "write_synthetic_coco", "write_synthetic_ade",
-    "IMAGE_EXTENSIONS",
 ]
 
 PathLike = Union[str, os.PathLike]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IGNORE_INDEX = 255
 # boxes may overhang the image by rounding; COCO's own annotations do by up to ~1 px
 BOX_TOLERANCE_PX = 1.0
@@ -46,13 +49,22 @@ class AnnotationError(ValueError):
 
 
 def _load_rgb(path: Path) -> Optional[Image.Image]:
-    """The image as RGB, or None (with a warning) when the file exists but cannot be decoded."""
+    """The image from the shared decoder, or None (with a warning) when the file cannot be decoded."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        warnings.warn(f"skipping unreadable image {path}: {e}")
+        return decode_image(path)
+    except (ImageDecodeError, FileNotFoundError) as e:  # FileNotFoundError: deleted since the check
+        warnings.warn(f"skipping unreadable image: {e}")
         return None
+
+
+def _size_mismatch(what: str, path: Path, size: Tuple[int, int], expected: Tuple[int, int]) -> str:
+    """Message for an image whose decoded (EXIF-oriented) size is not the one its annotation refers to."""
+    msg = f"{what} is {expected[0]}x{expected[1]} but image {path.name} is {size[0]}x{size[1]}"
+    orientation = exif_orientation(path)
+    if orientation != 1:
+        msg += (f" after applying its EXIF orientation (tag {orientation}); annotations refer to the upright "
+                f"image as viewers show it: annotate that, or remove the tag")
+    return msg
 
 
 # --- COCO detection ---------------------------------------------------------------------------
@@ -112,9 +124,13 @@ class CocoDetection(torch.utils.data.Dataset):
         from torchvision import tv_tensors
 
         info = self.coco.imgs[self.ids[index]]
-        img = _load_rgb(self.image_dir / info["file_name"])
+        path = self.image_dir / info["file_name"]
+        img = _load_rgb(path)
         if img is None:
             return None
+        if img.size != (info["width"], info["height"]):  # the boxes would not lie where they were drawn
+            raise AnnotationError(f"{self.ann_file}: " + _size_mismatch(
+                f"image id {info['id']}'s width x height", path, img.size, (info["width"], info["height"])))
         t = self.target(index)
         image = tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         t["boxes"] = tv_tensors.BoundingBoxes(t["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
@@ -210,10 +226,13 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def read_mask(self, index: int) -> np.ndarray:
         """Label map (H, W) int64 after reduction, checked against ``num_classes`` and ``ignore_index``."""
         path = self.samples[index][1]
-        with Image.open(path) as m:
-            if m.mode not in ("L", "P", "I", "I;16"):
-                raise AnnotationError(f"{path}: mask must be a single-channel index PNG, got mode {m.mode}")
-            mask = np.asarray(m).astype(np.int64)
+        try:
+            m = open_image(path)  # as stored: a label map is never rescaled, composited or turned
+        except ImageDecodeError as e:
+            raise AnnotationError(str(e)) from e
+        if m.mode not in ("L", "P", "I", "I;16"):
+            raise AnnotationError(f"{path}: mask must be a single-channel index PNG, got mode {m.mode}")
+        mask = np.asarray(m).astype(np.int64)
         if self.reduce_zero_label:
             was_ignored = mask == self.ignore_index
             mask = mask - 1  # 0 ("other") -> -1 -> ignore, k -> k-1
@@ -234,8 +253,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
             return None
         mask = self.read_mask(index)
         if mask.shape != (img.height, img.width):
-            raise AnnotationError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {img_path.name} "
-                                  f"is {img.width}x{img.height}")
+            raise AnnotationError(f"{mask_path}: " + _size_mismatch("mask", img_path, img.size, mask.shape[::-1]))
         image = tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         target = tv_tensors.Mask(torch.from_numpy(mask))
         if self.transforms is not None:

@@ -439,17 +439,10 @@ def load_downstream_model(path: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
 
 
 def _read_image(path: PathLike) -> torch.Tensor:
-    from PIL import Image
+    """(3, H, W) uint8 from the shared decoder, as the datasets read their images."""
+    from ..images import decode_image
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB")).copy()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot decode the image: {e}") from e
-    return torch.from_numpy(arr).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(decode_image(path)).copy()).permute(2, 0, 1)
 
 
 def _save_png(img: torch.Tensor, path: PathLike) -> Path:
