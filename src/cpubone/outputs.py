@@ -33,7 +33,8 @@ class ResultsNotWritten(OutputPathError):
 
 
 def _existing_ancestor(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
+    # no abspath: it fails where the working directory has been removed, a case the probe must report
+    path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
     return path

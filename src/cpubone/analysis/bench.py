@@ -265,7 +265,7 @@ def run_bench(
     models = list(models) or list(DEFAULT_MODELS)
     check_args(models, engine, threads, size, runs, warmup)
     if channels_last and engine != "eager":
-        raise ValueError("--channels-last applies to the eager engine only (ONNX Runtime picks its own layout)")
+        raise ValueError("channels_last applies to the eager engine only (ONNX Runtime picks its own layout)")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: need at least 1 round")
     threads = usable_threads(threads)

@@ -47,8 +47,11 @@ def _bench(args: argparse.Namespace) -> int:
     from ..analysis.bench import run_bench
     from ..analysis.report import unplotted_models
     from ..outputs import ResultsNotWritten
+    from . import UserError
     from ._render import print_table
 
+    if args.channels_last and args.engine != "eager":
+        raise UserError("--channels-last applies to --engine eager only (ONNX Runtime picks its own layout)")
     try:
         res = run_bench(args.models, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
                         warmup=args.warmup, channels_last=args.channels_last, rounds=args.rounds, out_dir=args.out,
