@@ -114,7 +114,7 @@ def test_predictor_errors(exported, tmp_path, capsys):
     assert main(["predict", str(bad), "--onnx", str(path)]) == 1
     assert "not a readable image" in capsys.readouterr().err
     assert main(["predict", str(files[0]), "--onnx", str(tmp_path / "nope.onnx")]) == 2
-    assert "ONNX model not found" in capsys.readouterr().err
+    assert "model not found: " + str(tmp_path / "nope.onnx") in capsys.readouterr().err
     # a model that is neither ONNX nor weights, and a model with no image
     assert main(["predict", str(files[0]), str(files[1])]) == 2
     assert "not a model" in capsys.readouterr().err
@@ -206,3 +206,22 @@ def test_class_names_travel_with_the_weights(tmp_path, capsys):
     assert [t["label"] for t in via_torch] == [names[t["index"]] for t in via_torch]
     assert main(["predict", str(tmp_path / "best_model"), str(photo)]) == 0
     assert "class " not in capsys.readouterr().out
+
+
+def test_fine_tuned_timm_model_keeps_its_class_names(tmp_path, capsys):
+    """The same for a timm model: its saved class count and names come back for predict and export."""
+    import cpubone
+    from cpubone.deploy.onnx import read_metadata
+
+    model = create_model("test_efficientnet", num_classes=3)
+    model.pretrained_cfg["label_names"] = ["a", "b", "c"]
+    cpubone.save_pretrained(model, tmp_path / "best_model")
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(photo)
+    assert main(["predict", str(tmp_path / "best_model"), str(photo), "--json", "--topk", "3"]) == 0
+    assert sorted(t["label"] for t in json.loads(capsys.readouterr().out)[0]["topk"]) == ["a", "b", "c"]
+    out = tmp_path / "te.onnx"
+    assert main(["export", "test_efficientnet", "--checkpoint", str(tmp_path / "best_model"), "-o", str(out)]) == 0
+    assert json.loads(read_metadata(out)["cpubone.labels"]) == ["a", "b", "c"]
+    assert main(["predict", str(tmp_path / "nothing"), str(photo)]) == 2
+    assert "model not found" in capsys.readouterr().err

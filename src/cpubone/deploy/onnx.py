@@ -288,6 +288,36 @@ def verify_onnx(
 
 
 # --- the deployment path ------------------------------------------------------------------------
+def load_trained(name: Optional[str], weights: Optional[Union[str, os.PathLike]]) -> Tuple[nn.Module, Optional[List[str]]]:
+    """A model built by ``name`` (default: the architecture saved with ``weights``) with ``weights``
+    loaded, and the class names saved with them (None if none were).
+
+    A ``save_pretrained`` folder or file brings its class count, model arguments and class names, for
+    timm models too (timm's factory would build 1000 classes and read no folder).
+    """
+    from ..models import create_model
+    from ..models.checkpoints import WEIGHTS_NAME, read_pretrained_config
+
+    saved: Dict[str, Any] = {}
+    source = weights
+    if weights is not None:
+        path = Path(weights)
+        if not path.exists():
+            raise FileNotFoundError(f"weights not found: {path}")
+        saved = read_pretrained_config(path) or {}
+        source = path / WEIGHTS_NAME if path.is_dir() and (path / WEIGHTS_NAME).is_file() else path
+    name = name or saved.get("model_name") or saved.get("architecture")
+    if not name:
+        raise ValueError(f"{weights}: no saved config names the architecture; give the model name")
+    kwargs = dict(saved.get("model_kwargs") or {})
+    if saved.get("num_classes"):
+        kwargs["num_classes"] = saved["num_classes"]
+    model = create_model(name, pretrained=source if source is not None else False, **kwargs)
+    labels = (saved.get("pretrained_cfg") or {}).get("label_names") or \
+        (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    return model, (list(labels) if labels else None)
+
+
 def export_model(
     model: Union[str, nn.Module],
     output: Union[str, os.PathLike],
@@ -336,7 +366,8 @@ def export_model(
     if int8_output is not None:
         check_output_file(int8_output)
     if isinstance(model, str):
-        model = create_model(model, pretrained=checkpoint if checkpoint is not None else False)
+        model, saved_labels = load_trained(model, checkpoint)
+        labels = labels if labels is not None else saved_labels
     elif checkpoint is not None:
         from ..models import load_checkpoint
 

@@ -148,27 +148,16 @@ class TorchPredictor(_Classifier):
     def __init__(self, weights: PathLike, model: Optional[str] = None, threads: int = 1) -> None:
         import torch
 
-        from ..models import create_model
-        from ..models.checkpoints import WEIGHTS_NAME, read_pretrained_config
-        from .onnx import model_metadata
+        from .onnx import load_trained, model_metadata
 
-        path = Path(weights)
-        if not path.exists():
-            raise FileNotFoundError(f"weights not found: {path}")
-        saved = read_pretrained_config(path) or {}
-        name = model or saved.get("model_name") or saved.get("architecture")
-        if not name:
-            raise ValueError(f"{path}: no saved config names the architecture; give the model name")
-        source = path / WEIGHTS_NAME if path.is_dir() else path
-        self.model = create_model(name, pretrained=source, **(saved.get("model_kwargs") or {})).eval()
-        cfg = self.model.pretrained_cfg
-        # the class names saved with the weights, also where the factory (timm's) does not restore them
-        labels = (saved.get("pretrained_cfg") or {}).get("label_names") or cfg.get("label_names")
-        meta = model_metadata(self.model, tuple(cfg.get("input_size", (3, 224, 224))[1:]), name=name,
-                              labels=labels)
+        self.model, labels = load_trained(model, weights)
+        self.model.eval()
+        name = model or self.model.pretrained_cfg.get("architecture", "")
+        input_size = tuple(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        meta = model_metadata(self.model, input_size, name=name, labels=labels)
         self.config = PreprocessConfig.from_metadata(meta)
         self.labels = json.loads(meta["cpubone.labels"])
-        self.threads, self.path = threads, path
+        self.threads, self.path = threads, Path(weights)
         self._torch = torch
 
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -185,6 +174,8 @@ class TorchPredictor(_Classifier):
 def open_classifier(model: PathLike, threads: int = 1, architecture: Optional[str] = None) -> _Classifier:
     """A ``Predictor`` for an .onnx file (no torch), else a ``TorchPredictor`` for saved weights."""
     path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
     if path.suffix.lower() == ".onnx":
         if architecture:
             raise ValueError(f"{path}: an ONNX file names its own model; no architecture needed")
