@@ -107,13 +107,21 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _blocks(args: argparse.Namespace) -> int:
     from ..analysis.blocks import run_block_sweep
+    from ..outputs import ResultsNotWritten
     from ._render import print_table
 
-    res = run_block_sweep(widths=args.widths, quick=args.quick, engine=args.engine, threads=args.threads,
-                          runs=args.runs, warmup=args.warmup, rounds=args.rounds, out_dir=args.out,
-                          progress=not args.no_progress)
+    try:
+        res = run_block_sweep(widths=args.widths, quick=args.quick, engine=args.engine, threads=args.threads,
+                              runs=args.runs, warmup=args.warmup, rounds=args.rounds, out_dir=args.out,
+                              progress=not args.no_progress)
+        late_error = None
+    except ResultsNotWritten as e:  # measured, not saved: show the figures before the error
+        res, late_error = e.result, e
     print(res.machine_header)
     print_table(res.preferred, title="fused vs unfused (groups 2) per kernel and width: the higher MACpS is preferred")
     print_table(res.rules, title="design rules measured on this machine")
+    if late_error is not None:
+        print(f"cpubone blocks: error: {late_error}", file=sys.stderr)
+        return 2
     print("written: " + ", ".join(res.files.values()))
     return 0
