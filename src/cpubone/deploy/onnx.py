@@ -123,7 +123,7 @@ def export_onnx(
         except OSError:
             raise  # the destination, not the model: atomic_write names the file
         except Exception as e:  # the exporter raises many types (TypeError, RuntimeError, its own errors)
-            raise ExportError(f"{name}: ONNX export failed ({_reason(e)})") from None
+            raise ExportError(f"{name}: ONNX export failed ({_reason(e)})") from e
         if metadata:
             proto = onnx.load(str(tmp))
             for k, v in metadata.items():
