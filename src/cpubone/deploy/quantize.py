@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
 from ..images import ImageDecodeError, list_images
+from ..outputs import atomic_write
 from .preprocess import PreprocessConfig, preprocess
 
 __all__ = ["quantize_onnx", "exclusion_groups", "EXCLUDE_GROUPS"]
@@ -168,7 +169,5 @@ def quantize_onnx(
         for k, v in dict(meta, **{"cpubone.int8": "true", "cpubone.int8_excluded": ",".join(items)}).items():
             e = qproto.metadata_props.add()
             e.key, e.value = k, v
-        tmp_out = output.with_name(output.name + ".tmp")
-        onnx.save(qproto, str(tmp_out))
-        os.replace(tmp_out, output)
+        atomic_write(output, lambda tmp_out: onnx.save(qproto, str(tmp_out)))
     return output

@@ -378,12 +378,18 @@ def save_pretrained(model: nn.Module, directory: PathLike, extra_config: Optiona
     """Write ``model.safetensors`` + ``config.json`` into ``directory`` (atomically, file by file).
 
     The config is also stored in the safetensors metadata, so the weights file alone is self-describing.
+    It holds the model's ``pretrained_cfg``, class names (``label_names``, timm's key) included, which
+    ``create_model(name, pretrained=directory)`` restores and ``cpubone export`` / ``predict`` show.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg = dict(getattr(model, "pretrained_cfg", {}))
+    labels = cfg.get("label_names")
+    num_classes = getattr(model, "num_classes", None)
+    if labels is not None and num_classes and len(labels) != num_classes:
+        raise ValueError(f"pretrained_cfg['label_names'] has {len(labels)} names for a model with {num_classes} classes")
+    directory.mkdir(parents=True, exist_ok=True)
     config = dict(
         architecture=cfg.get("architecture"),
         num_classes=getattr(model, "num_classes", None),

@@ -155,6 +155,7 @@ def create_model(
                                          for k, v in saved["pretrained_cfg"].items()})
         if want_classes != model.num_classes:
             model.reset_classifier(want_classes)
+            model.pretrained_cfg.pop("label_names", None)  # a new classifier: the saved names no longer apply
         if want_chans != 3:
             _adapt_stem(model, want_chans)
     model.pretrained_cfg["num_classes"] = model.num_classes
