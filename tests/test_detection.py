@@ -223,9 +223,9 @@ def test_cli_synthetic_train_eval_predict(tmp_path, capsys):
                  "--output", str(png), "--score-thresh", "0.0", "--json"]) == 0
     dets = json.loads(capsys.readouterr().out)
     with Image.open(png) as im:
-        assert im.format == "PNG" and im.size == (64, 64)
+        assert im.format == "PNG" and im.size == (384, 384)  # enlarged 6x so the labels are legible
         drawn = np.asarray(im)
-    original = np.asarray(Image.open(data / "images" / "val" / "000000.png"))
+    original = np.asarray(Image.open(data / "images" / "val" / "000000.png")).repeat(6, 0).repeat(6, 1)
     assert len(dets) > 0 and (drawn != original).any()  # boxes were drawn on the image
 
 

@@ -477,9 +477,12 @@ def load_downstream_model(path: PathLike, task: Optional[str] = None) -> Tuple[n
 
     if task not in (None, *_TASK_NAMES):
         raise ValueError(f"task={task!r}: expected 'detect' or 'segment'")
-    path = _checkpoint_file(Path(path))
     wanted = (f"; expected a {_TASK_NAMES[task]} checkpoint (model.pt or last.pt from cpubone {task} train)"
               if task else "; expected model.pt or last.pt from cpubone detect/segment train")
+    try:
+        path = _checkpoint_file(Path(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{wanted}") from e
     if path.is_file() and path.suffix == ".safetensors":
         raise CheckpointError(f"{path}: a safetensors weights file (a saved classifier), not a detect/segment "
                               f"checkpoint{wanted}")

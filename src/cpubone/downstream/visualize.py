@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["class_colors", "draw_detections", "draw_segmentation", "save_png", "UNTINTED"]
+__all__ = ["class_colors", "draw_detections", "draw_segmentation", "place_tag", "save_png", "UNTINTED"]
 
 RGB = Tuple[int, int, int]
 PathLike = Union[str, os.PathLike]
@@ -138,12 +138,39 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_w: int) -> str:
 
 
 def _overlap(a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]) -> int:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
+    """Shared area of two inclusive pixel rectangles."""
+    w = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    h = min(a[3], b[3]) - max(a[1], b[1]) + 1
     return max(0, w) * max(0, h)
 
 
 # --- detection ---------------------------------------------------------------------------------
+def place_tag(box: Tuple[int, int, int, int], size: Tuple[int, int], canvas: Tuple[int, int],
+              placed: Sequence[Tuple[int, int, int, int]], inset: int = 1) -> Tuple[int, int, int, int]:
+    """Where the label tag of ``box`` goes: the first of above / inside the top / below / inside the bottom
+    (left, then right aligned) that lies in the canvas and overlaps no ``placed`` tag; else the free row
+    nearest the box's top edge (tags of a crowd of boxes stack); else the spot overlapping least.
+    Boxes and tags are inclusive pixel rectangles (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    tw, th = size
+    W, H = canvas
+
+    def spot(tx: int, ty: int) -> Tuple[int, int, int, int]:
+        tx, ty = min(max(0, tx), W - tw), min(max(0, ty), H - th)
+        return tx, ty, tx + tw - 1, ty + th - 1
+
+    def clash(r: Tuple[int, int, int, int]) -> int:
+        return sum(_overlap(r, p) for p in placed)
+
+    spots = [spot(tx, ty) for ty in (y0 - th, y0 + inset, y1 + 1, y1 - th - inset + 1) for tx in (x0, x1 - tw + 1)]
+    free = [r for r in spots if clash(r) == 0]
+    if free:
+        return free[0]
+    rows = sorted(range(0, max(1, H - th + 1)), key=lambda ty: abs(ty - (y0 - th)))
+    free = [r for ty in rows for r in (spot(x0, ty), spot(x1 - tw + 1, ty)) if clash(r) == 0]
+    return free[0] if free else min(spots, key=clash)
+
+
 def draw_detections(image, boxes: Sequence[Sequence[float]], labels: Sequence[int], classes: Sequence[str],
                     scores: Optional[Sequence[float]] = None, min_side: int = MIN_SIDE) -> Image.Image:
     """The image with one box and one label tag per detection.
@@ -181,13 +208,8 @@ def draw_detections(image, boxes: Sequence[Sequence[float]], labels: Sequence[in
         colour = colours[int(labels[i])]
         text = classes[int(labels[i])] + (f" {float(scores[i]):.2f}" if scores is not None else "")
         text = _fit(draw, text, font, W - 2 * pad)
-        tw, th = round(draw.textlength(text, font=font)) + 2 * pad, fs + 2 * pad
-        spots = []
-        for ty in (y0 - th, y0 + line, y1 + 1, y1 - th - line + 1):  # above, inside top, below, inside bottom
-            for tx in (x0, x1 - tw + 1):  # left aligned, right aligned
-                tx, ty = min(max(0, tx), W - tw), min(max(0, ty), H - th)
-                spots.append((tx, ty, tx + tw, ty + th))
-        tag = min(spots, key=lambda r: sum(_overlap(r, p) for p in placed))  # first spot free of other tags
+        tag = place_tag((x0, y0, x1, y1), (round(draw.textlength(text, font=font)) + 2 * pad, fs + 2 * pad),
+                        (W, H), placed, line)
         placed.append(tag)
         draw.rectangle(tag, fill=colour)
         draw.text((tag[0] + pad, (tag[1] + tag[3]) / 2), text, fill=_text_colour(colour), font=font, anchor="lm")
