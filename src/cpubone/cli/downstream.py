@@ -185,7 +185,9 @@ def _print_metrics(metrics: Dict[str, Any], as_json: bool, title: str) -> None:
     for key, per_class in metrics.items():
         if isinstance(per_class, dict) and per_class:
             column = key.replace("per_class_", "")
-            print_table([{"class": n, column: v} for n, v in per_class.items()], title=f"per-class {column}")
+            absent = any(v != v for v in per_class.values())  # NaN: the class is in neither truth nor prediction
+            print_table([{"class": n, column: None if v != v else v} for n, v in per_class.items()],
+                        title=f"per-class {column}" + (" (-: class not in this data)" if absent else ""))
 
 
 def _detect_train(args: argparse.Namespace) -> int:
