@@ -123,12 +123,7 @@ def _describe_foreign(state: Any) -> str:
     """What a checkpoint that is not a detect/segment one holds, in words for an error message."""
     if not isinstance(state, dict):
         return f"holds a {type(state).__name__}, not a checkpoint dictionary"
-    cfg = state.get("config")
-    if isinstance(cfg, str):  # cpubone train stores its config as JSON text
-        try:
-            cfg = json.loads(cfg)
-        except json.JSONDecodeError:
-            cfg = None
+    cfg = state.get("config")  # cpubone train's config, parsed from its JSON text by _read_checkpoint
     cfg = cfg if isinstance(cfg, dict) else {}
     name = state.get("model_name") or cfg.get("model")
     if name:
@@ -157,6 +152,11 @@ def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
         if "Weights only load failed" in why:
             why = "it holds pickled Python objects, which are not loaded for safety"
         raise CheckpointError(f"{path}: cannot read the checkpoint ({why})") from e
+    if isinstance(state, dict) and isinstance(state.get("config"), str):  # a config stored as JSON text
+        try:
+            state["config"] = json.loads(state["config"])
+        except json.JSONDecodeError:
+            state["config"] = None  # not JSON, so not ours: described below
     if not (isinstance(state, dict) and "model" in state and isinstance(state.get("config"), dict)
             and state["config"].get("task") in _TASK_NAMES):
         raise CheckpointError(f"{path}: {_describe_foreign(state)}")
@@ -504,7 +504,8 @@ def load_downstream_model(path: PathLike, task: Optional[str] = None) -> Tuple[n
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {c['backbone']} ({str(e).splitlines()[0]})") from e
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]  # line 0 only says "Error(s) in loading"
+        raise CheckpointError(f"{path}: weights do not fit {c['backbone']} ({why})") from e
     return model.eval(), c
 
 
