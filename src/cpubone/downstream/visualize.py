@@ -206,8 +206,9 @@ def draw_detections(image, boxes: Sequence[Sequence[float]], labels: Sequence[in
     placed: List[Tuple[int, int, int, int]] = []
     for i, (x0, y0, x1, y1) in rects:
         colour = colours[int(labels[i])]
-        text = classes[int(labels[i])] + (f" {float(scores[i]):.2f}" if scores is not None else "")
-        text = _fit(draw, text, font, W - 2 * pad)
+        score = f" {float(scores[i]):.2f}" if scores is not None else ""
+        # a name too long for the picture is shortened, the score kept
+        text = _fit(draw, classes[int(labels[i])], font, W - 2 * pad - round(draw.textlength(score, font=font))) + score
         tag = place_tag((x0, y0, x1, y1), (round(draw.textlength(text, font=font)) + 2 * pad, fs + 2 * pad),
                         (W, H), placed, line)
         placed.append(tag)
