@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .preprocess import IMAGE_EXTENSIONS, ImageLike, PreprocessConfig, list_images, preprocess
+from ..images import IMAGE_EXTENSIONS, list_images
+from .preprocess import ImageLike, PreprocessConfig, preprocess
 
 __all__ = ["Predictor", "TorchPredictor", "Prediction", "open_classifier", "expand_images", "predict_files"]
 
