@@ -188,8 +188,8 @@ def test_class_names_travel_with_the_weights(tmp_path, capsys):
         cpubone.save_pretrained(model, tmp_path / "wrong")
 
     onnx_path = tmp_path / "nano3.onnx"
-    assert main(["export", "cpubone_nano", "--checkpoint", str(tmp_path / "best_model"), "--size", "64", "64",
-                 "-o", str(onnx_path)]) == 0
+    # at the model's own input size, the one the PyTorch path below preprocesses to
+    assert main(["export", "cpubone_nano", "--checkpoint", str(tmp_path / "best_model"), "-o", str(onnx_path)]) == 0
     from cpubone.deploy.onnx import read_metadata
 
     assert json.loads(read_metadata(onnx_path)["cpubone.labels"]) == names
@@ -203,6 +203,7 @@ def test_class_names_travel_with_the_weights(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "best_model"), str(photo), "--json", "--topk", "3"]) == 0
     via_torch = json.loads(capsys.readouterr().out)[0]["topk"]
     assert [t["label"] for t in via_torch] == [t["label"] for t in via_onnx]
+    assert all(abs(a["prob"] - b["prob"]) < 1e-5 for a, b in zip(via_torch, via_onnx))  # same input, same model
     assert [t["label"] for t in via_torch] == [names[t["index"]] for t in via_torch]
     assert main(["predict", str(tmp_path / "best_model"), str(photo)]) == 0
     assert "class " not in capsys.readouterr().out
