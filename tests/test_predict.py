@@ -108,10 +108,9 @@ def test_predictor_errors(exported, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"shape \(8, 8, 2\)"):
         pred.predict([np.zeros((8, 8, 2), np.uint8)])
     with pytest.raises(ValueError, match="uint8"):
-        pred.predict([np.zeros((8, 8, 3), np.int64)])
-    # RGBA and LA (2-band) Pillow images and float arrays decode by the shared rules (tests/test_images.py)
-    assert pred.predict([Image.new("RGBA", (40, 30)), Image.new("LA", (40, 30)), np.zeros((8, 8, 3), np.float32)],
-                        topk=1)[2].indices
+        pred.predict([np.zeros((8, 8, 3), np.float32)])
+    # 4-channel (RGBA) and 2-channel (LA) Pillow images convert like timm's loader (.convert('RGB'))
+    assert pred.predict([Image.new("RGBA", (40, 30)), Image.new("LA", (40, 30))], topk=1)[1].indices
     assert main(["predict", str(bad), "--onnx", str(path)]) == 1
     assert "not a readable image" in capsys.readouterr().err
     assert main(["predict", str(files[0]), "--onnx", str(tmp_path / "nope.onnx")]) == 2
@@ -189,7 +188,7 @@ def test_class_names_travel_with_the_weights(tmp_path, capsys):
         cpubone.save_pretrained(model, tmp_path / "wrong")
 
     onnx_path = tmp_path / "nano3.onnx"
-    # at the saved input size, so both paths below preprocess the photo alike and must rank alike
+    # at the model's own input size, the one the PyTorch path below preprocesses to
     assert main(["export", "cpubone_nano", "--checkpoint", str(tmp_path / "best_model"), "-o", str(onnx_path)]) == 0
     from cpubone.deploy.onnx import read_metadata
 
@@ -204,6 +203,7 @@ def test_class_names_travel_with_the_weights(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "best_model"), str(photo), "--json", "--topk", "3"]) == 0
     via_torch = json.loads(capsys.readouterr().out)[0]["topk"]
     assert [t["label"] for t in via_torch] == [t["label"] for t in via_onnx]
+    assert all(abs(a["prob"] - b["prob"]) < 1e-5 for a, b in zip(via_torch, via_onnx))  # same input, same model
     assert [t["label"] for t in via_torch] == [names[t["index"]] for t in via_torch]
     assert main(["predict", str(tmp_path / "best_model"), str(photo)]) == 0
     assert "class " not in capsys.readouterr().out
