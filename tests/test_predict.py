@@ -108,9 +108,10 @@ def test_predictor_errors(exported, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"shape \(8, 8, 2\)"):
         pred.predict([np.zeros((8, 8, 2), np.uint8)])
     with pytest.raises(ValueError, match="uint8"):
-        pred.predict([np.zeros((8, 8, 3), np.float32)])
-    # 4-channel (RGBA) and 2-channel (LA) Pillow images convert like timm's loader (.convert('RGB'))
-    assert pred.predict([Image.new("RGBA", (40, 30)), Image.new("LA", (40, 30))], topk=1)[1].indices
+        pred.predict([np.zeros((8, 8, 3), np.int64)])
+    # RGBA and LA (2-band) Pillow images and float arrays decode by the shared rules (tests/test_images.py)
+    assert pred.predict([Image.new("RGBA", (40, 30)), Image.new("LA", (40, 30)), np.zeros((8, 8, 3), np.float32)],
+                        topk=1)[2].indices
     assert main(["predict", str(bad), "--onnx", str(path)]) == 1
     assert "not a readable image" in capsys.readouterr().err
     assert main(["predict", str(files[0]), "--onnx", str(tmp_path / "nope.onnx")]) == 2
