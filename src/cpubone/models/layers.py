@@ -28,6 +28,7 @@ __all__ = [
     "Lowtention",
     "LowtentionInference",
     "lowtention_heads",
+    "pad_to_multiple",
     "densify_groups",
     "fold_groupnorm_affine",
     "shape_general",
@@ -73,6 +74,21 @@ def _same_padding(kernel_size: int, stride: int) -> tuple[int, tuple[int, int, i
     if kernel_size == 2:
         return 0, (None if stride == 2 else (1, 0, 1, 0))
     raise ValueError(f"kernel_size={kernel_size}: only odd kernels and 2x2 are supported")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the right and bottom of ``x`` (N, C, H, W) up to the next multiple of ``multiple``.
+
+    The pad is written as ceil-multiple minus size with floor division of positive numbers, not as
+    ``(-H) % multiple``: under ``torch.compile`` with dynamic sizes a Python ``%`` on a size becomes a
+    sympy ``PythonMod``, and every float later derived from the padded size (BatchNorm's n / (n - 1)
+    in training, the nearest upsample's scale in eval) then fails in inductor ("'TensorReferenceAnalysis'
+    has no attribute 'python_mod'"). Floor division lowers fine, and with positive operands it is the
+    same in a traced ONNX graph, whose integer Div truncates.
+    """
+    H, W = x.shape[-2:]
+    m = multiple
+    return F.pad(x, (0, (W + m - 1) // m * m - W, 0, (H + m - 1) // m * m - H))
 
 
 class ConvNormAct(nn.Module):
@@ -380,7 +396,7 @@ class Lowtention(nn.Module):
         if s > 1 and (H % s or W % s):
             # A strided 2x2 projection floors odd sizes and the upsample could not cover the input
             # again (the original code crashes there); zero-pad right/bottom to a multiple instead.
-            x = F.pad(x, (0, (-W) % s, 0, (-H) % s))
+            x = pad_to_multiple(x, s)
         x = self.qkv(self.proj(x))
         B, _, h, w = x.shape
         # Channel layout per head: [q | k | v], head-major (matches the released checkpoints).
@@ -390,7 +406,11 @@ class Lowtention(nn.Module):
             # CUDA's fused attention kernels need aligned strides, which these strided views lack
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = F.scaled_dot_product_attention(q, k, v)
-        o = o.transpose(-1, -2).reshape(B, self.num_heads * self.head_dim, h, w)
+        # contiguous(): with one head the reshape is a view with channels-last strides, and torch.compile
+        # at dynamic sizes (inductor, torch 2.14) fails to order its symbolic strides when it is saved for
+        # the backward pass ("cannot determine truth value of Relational"). With more heads the reshape
+        # copies anyway and this is a no-op.
+        o = o.transpose(-1, -2).reshape(B, self.num_heads * self.head_dim, h, w).contiguous()
         o = self.out(o)
         if s > 1:
             o = F.interpolate(o, scale_factor=float(s), mode="nearest")
@@ -429,7 +449,7 @@ class LowtentionInference(nn.Module):
         s = self.stride
         general = _SHAPE_GENERAL and torch.jit.is_tracing()
         if s > 1 and (general or H % s or W % s):
-            x = F.pad(x, (0, (s - W % s) % s, 0, (s - H % s) % s))
+            x = pad_to_multiple(x, s)
         x = self.qkv(self.proj(x))
         B, _, h, w = x.shape
         d = self.head_dim
