@@ -24,6 +24,9 @@ from conftest import trained_like
 
 SIZES = [(64, 64), (72, 104), (65, 67), (96, 80)]
 
+# compiling takes minutes of wall time when the CPUs are shared: more than the suite's default limit
+pytestmark = pytest.mark.timeout(1800)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
