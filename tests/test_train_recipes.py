@@ -7,7 +7,8 @@ import torch
 
 from cpubone import create_model
 from cpubone.cli.train import add_train_arguments, config_from_args
-from cpubone.train.engine import TrainConfig, _amp_dtype, _freeze_backbone
+from cpubone.train.classification import TrainConfig, _freeze_backbone
+from cpubone.train.engine import amp_dtype as _amp_dtype
 from cpubone.train.recipes import Recipe, get_recipe
 
 
