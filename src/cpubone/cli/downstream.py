@@ -119,6 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-size", type=int, help="square training crop (preset 512)")
     p.add_argument("--base-size", type=int, help="shorter side before the random rescale / at evaluation (preset 512)")
     p.add_argument("--head-channels", type=int, default=128, help="semantic branch width (default 128)")
+    p.add_argument("--dropout", type=float, help="dropout before the classifier (default 0.1)")
     p.add_argument("--eval-every", type=int, default=4000, help="evaluate and checkpoint every N iterations")
     p.set_defaults(func=_segment_train)
 
@@ -274,7 +275,7 @@ def _segment_train(args: argparse.Namespace) -> int:
 
     _check_flags(args)
     kw = _train_kwargs(args, _COMMON + ["num_classes", "reduce_zero_label", "iters", "crop_size", "base_size",
-                                        "head_channels"])
+                                        "head_channels", "dropout"])
     cfg = SegmentationTrainConfig(val_split=_none(args.val_split), **kw)
     return _train_and_print("segment", train_segmentation, cfg, args.json)
 

@@ -85,6 +85,7 @@ class SegmentationTrainConfig:
     pretrained_backbone: Union[bool, str] = False
     fpn_channels: int = 256  # FPN width
     head_channels: int = 128  # semantic-branch width
+    dropout: float = 0.1  # before the classifier
     iters: Optional[int] = None
     batch_size: Optional[int] = None
     crop_size: Optional[int] = None

@@ -202,7 +202,8 @@ class SegmentationTask(_DownstreamTask):
         self.train_size = len(train_ds)
         seed_all(c["seed"])
         self.model = create_semantic_fpn(c["backbone"], c["num_classes"], pretrained_backbone=c["pretrained_backbone"],
-                                         fpn_channels=c["fpn_channels"], channels=c["head_channels"]).to(d.device)
+                                         fpn_channels=c["fpn_channels"], channels=c["head_channels"],
+                                         dropout=c["dropout"]).to(d.device)
         seed_all(c["seed"] + d.rank)
         self._batching(d, train_ds)
         self.epochs = math.ceil(c["iters"] / c["eval_every"])

@@ -71,8 +71,8 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
 
-def _fault(point: str) -> None:
-    if os.environ.get(FAULT_ENV) == point:
+def _fault(point: str, epoch: int) -> None:
+    if os.environ.get(FAULT_ENV) in (point, f"{point}@{epoch}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -576,9 +576,9 @@ class _Run:
             if is_best and not restart:
                 best_module = self.ema.module if which == "ema" and self.ema is not None else self.unwrapped
             t.save_derived(self.out, best_module, s, final)
-            _fault("before-last")
+            _fault("before-last", epoch + 1)
             save_training_state(s, self.out / CKPT_LAST)
-            _fault("after-last")
+            _fault("after-last", epoch + 1)
             _write_history(st.history, self.out)
             if self.writer is not None:
                 for k, v in row.items():
