@@ -181,3 +181,20 @@ def test_print_config_b0_and_b3_against_the_release(capsys, tmp_path):
     assert (r["mesa_thresh"], r["mesa_ratio"]) == (0.25, 2.0)
     b2 = _print_config(capsys, "cpubone_b2", "--world-size", "8")
     assert b2["peak_lr"] == pytest.approx(2e-3) and b2["global_batch"] == 1024
+
+
+def test_release_recipe_runs_end_to_end(digits, tmp_path):
+    """Every component at once, in miniature: warm-up prefix, random resolution, RandAugment, Mixup/CutMix,
+    BCE, clipping, scheduled DropPath, EMA, BN re-estimation, bf16 autocast, channels_last."""
+    r = get_recipe("release", "cpubone_nano").replace(epochs=1, warmup_epochs=1, batch_per_process=10,
+                                                      img_sizes=(24, 32), img_size=32, amp="bf16")
+    cfg = TrainConfig(data=str(digits), model="cpubone_nano", recipe=r, recipe_name="release",
+                      output=str(tmp_path / "rel"), model_kwargs={"head_widths": [16, 16]}, num_workers=0,
+                      progress=False, tensorboard=False)
+    summary = train(cfg)
+    assert summary["epochs"] == 2 and summary["global_steps"] == 12  # 1 warm-up + 1 epoch of 60 / 10 images
+    state = load_training_state(tmp_path / "rel" / "last.pt")
+    hist = json.loads(state["history"])
+    assert hist[0]["lr"] == pytest.approx(r.lr, rel=0.2)  # end of the warm-up: close to the peak
+    assert all(0 <= h["val_top1"] <= 100 and h["ema_top1"] >= 0 for h in hist)
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0, 0.1}

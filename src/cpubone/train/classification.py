@@ -272,10 +272,11 @@ class ClassificationTask(Task):
 
         self.optimizer = create_optimizer_v2(model, opt=r.opt, lr=self.peak_lr, weight_decay=r.weight_decay,
                                              filter_bias_and_bn=True, eps=r.opt_eps)
-        self.scheduler, self.epochs = create_scheduler_v2(
+        self.scheduler, epochs = create_scheduler_v2(
             self.optimizer, sched=r.sched, num_epochs=r.epochs, warmup_epochs=r.warmup_epochs,
             warmup_lr=r.warmup_lr, warmup_prefix=r.warmup_prefix, min_lr=r.min_lr, step_on_epochs=False,
             updates_per_epoch=self.updates_per_epoch)
+        self.epochs = int(round(epochs))  # warm-up epochs are a float field
         self.mixup = None
         if r.mixup > 0 or r.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mixup_prob,
