@@ -310,7 +310,7 @@ class EngineState:
 
     @classmethod
     def from_checkpoint(cls, s: Dict[str, Any]) -> "EngineState":
-        st = cls(**{k: s[k] for k in ("epoch", "step_in_epoch", "global_step") })
+        st = cls(epoch=s["epoch"], step_in_epoch=s["step_in_epoch"], global_step=s["global_step"])
         for k in ("best_metric", "best_epoch", "best_weights", "epoch_loss", "epoch_seen", "skipped"):
             if k in s:
                 setattr(st, k, s[k])
