@@ -31,6 +31,7 @@ def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, metavar="ITERS", help="also save last.pt every ITERS iterations")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--progress", action="store_true", default=None, help="progress bars instead of log lines")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also write a TensorBoard log")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
 
 
@@ -158,7 +159,7 @@ def _train_kwargs(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
 
 _COMMON = ["data", "output", "backbone", "pretrained_backbone", "fpn_channels", "batch_size", "opt", "lr",
            "weight_decay", "warmup_iters", "workers", "seed", "log_every", "resume", "preset", "train_split",
-           "eval_every", "accum_steps", "amp", "checkpoint_every", "device", "progress"]
+           "eval_every", "accum_steps", "amp", "checkpoint_every", "device", "progress", "tensorboard"]
 # flags that must be at least 1 / at least 0
 _POSITIVE = ("epochs", "iters", "batch_size", "eval_every", "accum_steps", "crop_size", "base_size", "fpn_channels",
              "head_channels", "min_size", "max_size")

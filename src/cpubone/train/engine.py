@@ -441,12 +441,13 @@ class _Run:
                                    f"The last good checkpoint is {self.out / CKPT_LAST}.")
         return self.snapshot()
 
-    def restore(self, s: Dict[str, Any], weights_only: bool = False) -> None:
+    def restore(self, s: Dict[str, Any], with_progress: bool = True) -> None:
+        """Weights, EMA and optimizer from checkpoint ``s``; with ``with_progress`` also schedule and progress."""
         self.unwrapped.load_state_dict(s["model"])
         if self.ema is not None and "ema" in s:
             self.ema.module.load_state_dict(s["ema"])
         self.task.optimizer.load_state_dict(s["optimizer"])
-        if weights_only:
+        if not with_progress:
             return
         self.task.scheduler.load_state_dict(s["scheduler"])
         if self.scaler is not None and "scaler" in s:
@@ -558,7 +559,7 @@ class _Run:
         is_best = metric is not None and metric > st.best_metric
         if restart:
             # the run fell off: continue from the best weights, optimizer and EMA at the current schedule
-            self.restore(torch.load(str(self.out / CKPT_BEST), map_location="cpu", weights_only=True), weights_only=True)
+            self.restore(load_training_state(self.out / CKPT_BEST), with_progress=False)
             row["restarted_from_epoch"] = st.best_epoch
             self.log(f"epoch {epoch + 1}: {metric:.2f} is more than {t.restart_drop} below the best {st.best_metric:.2f} "
                      f"(epoch {st.best_epoch}): reloaded the best checkpoint and continue")
@@ -669,6 +670,6 @@ def _epoch_line(task: Task, row: Dict[str, Any]) -> str:
     for k, v in row.items():
         if k in ("epoch", "global_step", "train_loss", "lr", "epoch_time_s", "images_per_s") or isinstance(v, (list, dict)):
             continue
-        parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     parts.append(f"{row['epoch_time_s']:.1f} s  {row['images_per_s']:.0f} img/s")
     return "  ".join(parts)
