@@ -112,8 +112,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.mesa_thresh is not None and not 0 <= args.mesa_thresh <= 1:
         raise ValueError(f"--mesa-thresh is a training progress between 0 and 1, got {args.mesa_thresh}")
-    if args.img_sizes and min(args.img_sizes) < 0:
-        raise ValueError(f"--img-sizes must be positive sizes, got {args.img_sizes}")
+    if args.img_sizes and args.img_sizes != [0] and min(args.img_sizes) < 1:
+        raise ValueError(f"--img-sizes takes positive sizes (or 0 alone: off), got {args.img_sizes}")
     if args.loss is not None and args.loss not in ("ce", "bce"):
         raise ValueError(f"--loss must be ce or bce, got {args.loss!r}")
     if args.world_size is not None and args.world_size < 1:
