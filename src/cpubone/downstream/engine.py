@@ -11,15 +11,14 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .datasets import (AnnotationError, CocoDetection, SegmentationFolder, collate_skip, detection_transforms,
-                       segmentation_transforms, IGNORE_INDEX)
+from .datasets import AnnotationError, CocoDetection, SegmentationFolder, collate_skip
 from .detection import DETECTION_PRESETS, create_retinanet
 from .metrics import ConfusionMatrix, coco_detection_metrics, detections_to_coco
 from .segmentation import SEGMENTATION_PRESETS, create_semantic_fpn
