@@ -1,13 +1,15 @@
-"""One factory for CPUBone and its peers: our variants are built here, any other name goes to timm."""
+"""One factory for CPUBone and its peers: our variants and design configs are built here, any other
+name goes to timm."""
 from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
 
 from .checkpoints import CheckpointError, load_checkpoint, read_pretrained_config, read_state_dict
+from .config import config_input_size, config_model_args, is_config_source, load_config
 from .cpubone import VARIANTS, CPUBone, default_cfg
 
 __all__ = ["create_model", "list_models", "is_cpubone", "pretrained_weights_file"]
@@ -20,8 +22,11 @@ def list_models(pattern: str = "*") -> List[str]:
     return [n for n in VARIANTS if fnmatch.fnmatch(n, pattern)]
 
 
-def is_cpubone(name: str) -> bool:
-    return name.split(".")[0] in VARIANTS
+def is_cpubone(name: Any) -> bool:
+    """True for a released variant name or a design config (dict, ``.json`` file, saved design directory)."""
+    if is_config_source(name):
+        return True
+    return isinstance(name, str) and name.split(".")[0] in VARIANTS
 
 
 def pretrained_weights_file(name: str) -> str:
@@ -42,7 +47,7 @@ def pretrained_weights_file(name: str) -> str:
 
 
 def create_model(
-    name: str,
+    name: Union[str, os.PathLike, Mapping[str, Any]],
     pretrained: Union[bool, str, os.PathLike] = False,
     num_classes: Optional[int] = None,
     in_chans: Optional[int] = None,
@@ -55,10 +60,13 @@ def create_model(
     """Build a model by name.
 
     Args:
-        name: a CPUBone variant (``list_models()``), or any timm model name (passed to
-            ``timm.create_model``); prefix ``timm/`` forces timm, e.g. ``timm/cpubone_b0_bfrobust``.
-        pretrained: False; True for the variant's timm weights from the Hugging Face Hub; or a path to a
-            checkpoint in any recognised layout (ours, the authors' ``evalmodel.pt``, timm's).
+        name: a CPUBone variant (``list_models()``); a design config (a dict, a ``.json`` file or a
+            directory written by ``save_pretrained``, see ``cpubone.models.config``); or any timm model
+            name (passed to ``timm.create_model``); prefix ``timm/`` forces timm, e.g.
+            ``timm/cpubone_b0_bfrobust``.
+        pretrained: False; True for the variant's timm weights from the Hugging Face Hub (for a saved
+            design directory: its own weights); or a path to a checkpoint in any recognised layout (ours,
+            the authors' ``evalmodel.pt``, timm's).
         num_classes: classifier outputs; with pretrained weights of another class count the classifier
             is newly initialised.
         in_chans: input channels; pretrained stem weights are adapted (timm's ``adapt_input_conv``).
@@ -66,27 +74,39 @@ def create_model(
         features_only / out_indices: return a feature extractor giving the stage outputs
             (strides 4, 8, 16, 32 for indices 0-3).
     """
-    base = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
-    if name.startswith(TIMM_PREFIX) or not is_cpubone(name):
-        return _create_timm(base, pretrained, num_classes, in_chans, drop_rate, drop_path_rate,
-                            features_only, out_indices, **kwargs)
+    if is_config_source(name):
+        design = load_config(name)
+        if pretrained is True:
+            if not (isinstance(name, (str, os.PathLike)) and os.path.isdir(name)):
+                raise CheckpointError(f"{design['name']}: a design config has no published weights; "
+                                      "pass pretrained=PATH to a checkpoint of it")
+            pretrained = name  # a saved design directory holds its own weights
+        variant, hf_hub_id = design["name"], ""
+        model_args = config_model_args(design)
+        input_size = config_input_size(design) or (3, 224, 224)
+    else:
+        name = str(name)
+        base = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+        if name.startswith(TIMM_PREFIX) or not is_cpubone(name):
+            return _create_timm(base, pretrained, num_classes, in_chans, drop_rate, drop_path_rate,
+                                features_only, out_indices, **kwargs)
+        variant = base.split(".")[0]
+        cfg = VARIANTS[variant]
+        model_args, hf_hub_id, input_size = cfg.model_args(), cfg.hf_hub_id, cfg.pretrained_input_size
 
-    variant = base.split(".")[0]
-    cfg = VARIANTS[variant]
     saved = read_pretrained_config(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
     ckpt_classes = (saved or {}).get("num_classes") or 1000
     want_classes = num_classes if num_classes is not None else (ckpt_classes if pretrained else 1000)
     want_chans = in_chans if in_chans is not None else 3
-    args = dict(cfg.model_args(), **kwargs)
+    args = dict(model_args, **kwargs)
     if drop_rate is not None:
         args["drop_rate"] = drop_rate
     if drop_path_rate is not None:
         args["drop_path_rate"] = drop_path_rate
     # build with the checkpoint's head and stem, then adapt: keeps loading strict
     model = CPUBone(num_classes=ckpt_classes if pretrained else want_classes, in_chans=3 if pretrained else want_chans, **args)
-    model.pretrained_cfg = default_cfg(architecture=variant, hf_hub_id=cfg.hf_hub_id,
-                                       input_size=cfg.pretrained_input_size,
-                                       pool_size=tuple(s // 32 for s in cfg.pretrained_input_size[1:]))
+    model.pretrained_cfg = default_cfg(architecture=variant, hf_hub_id=hf_hub_id, input_size=tuple(input_size),
+                                       pool_size=tuple(s // 32 for s in input_size[1:]))
     if pretrained:
         if pretrained is True:
             source: Union[str, os.PathLike] = pretrained_weights_file(variant)
