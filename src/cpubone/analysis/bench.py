@@ -9,6 +9,7 @@ fp32 GEMM peak measured in the same engine at the same thread count.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..models import VARIANTS, create_model, is_cpubone
+from ..models import VARIANTS, create_model, is_config_source, is_cpubone, load_config
 from .latency import LatencyResult, check_timing_args, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
 from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info
 from .macs import count_macs, count_params
@@ -52,6 +53,8 @@ PEER_TOP1: Dict[str, Tuple[float, str]] = {
 def published_top1(name: str) -> Tuple[Optional[float], str]:
     """Published top-1 of ``name`` and where it comes from (None, '' when we have no figure)."""
     base = name[len("timm/"):] if name.startswith("timm/") else name
+    if is_config_source(name):
+        return None, ""  # a design has no published accuracy
     if is_cpubone(base) and not name.startswith("timm/"):
         cfg = VARIANTS[base.split(".")[0]]
         if cfg.top1 is not None:
@@ -119,6 +122,8 @@ def _export_key(name: str, size: int) -> str:
     from .. import __version__
 
     form = "inference-form|" if _ours(name) else ""
+    if is_config_source(name):  # the file's content, not its name, says which network it is
+        form += json.dumps(load_config(name), sort_keys=True) + "|"
     key = f"{name}|{form}{size}|torch {torch.__version__}|timm {timm.__version__}|onnx {onnx.__version__}|cpubone {__version__}"
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
     return f"{safe}_{size}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.onnx"
