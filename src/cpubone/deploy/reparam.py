@@ -33,7 +33,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..models.cpubone import CPUBone, CPUBoneBlock
 from ..models.layers import ConvNormAct, Lowtention
 
-__all__ = ["reparameterize", "ConvAct", "LowtentionInference", "shape_general", "is_reparameterized",
+__all__ = ["reparameterize", "reparameterize_blocks", "ConvAct", "LowtentionInference", "shape_general", "is_reparameterized",
            "densify_groups", "PAD_MODES"]
 
 # How a 2x2 stride-1 conv gets its (1, 0, 1, 0) "same" pad in the inference form:
@@ -239,3 +239,17 @@ def reparameterize(model: nn.Module, inplace: bool = False, pad_mode: str = "pad
     model.drop_rate = 0.0
     model.pretrained_cfg = dict(model.pretrained_cfg, reparameterized=True)
     return model.eval()
+
+
+@torch.no_grad()
+def reparameterize_blocks(module: nn.Module, pad_mode: str = "pad", densify_below: int = 16) -> nn.Module:
+    """The inference form of a part of a CPUBone (a block, a stage, a head), rewritten in place.
+
+    The same rewrites as ``reparameterize`` applies to a whole model; ``cpubone.design`` times the parts
+    of the design space one by one in the form the whole model is deployed in.
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
+    holder = nn.Sequential(module).eval()  # _replace rewrites children, so the part itself needs a parent
+    _replace(holder, pad_mode, densify_below)
+    return holder[0].eval()
