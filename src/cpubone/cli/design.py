@@ -136,9 +136,13 @@ def _search(args: argparse.Namespace) -> int:
     limit = f", at most {args.max_params:,} params" if args.max_params else ""
     print(f"{res.evaluated} candidates at {res.size[0]}x{res.size[1]}, budget {res.budget_ms:g} ms{limit}; "
           f"table: {lut.describe()}")
-    placed = sorted([dict(c.row(), on="front") for c in res.front]
+    # the front near the budget (all of it is in search.json and the plot), with every released variant
+    shown = [c for c in res.front if c.latency_ms <= 2 * res.budget_ms]
+    placed = sorted([dict(c.row(), on="front") for c in shown]
                     + [dict(c.row(), on="released") for c in res.released], key=lambda r: r["latency_ms"])
-    print_table(placed, title="Pareto front (predicted latency vs accuracy proxy) with the released variants")
+    more = len(res.front) - len(shown)
+    print_table(placed, title="Pareto front (predicted latency vs accuracy proxy) with the released variants"
+                + (f"; {more} slower front points in search.json" if more else ""))
     if res.best is None:
         print(f"no design of the space fits {res.budget_ms:g} ms{limit}: the fastest in-range one needs "
               f"{min(c.latency_ms for c in res.front):.2f} ms" if res.front else "no candidate")
