@@ -61,12 +61,12 @@ def test_lut_on_a_tiny_space_resumes(tmp_path, monkeypatch):
     units = space_units(TINY, SIZE)
     path = tmp_path / "device.json"
     first = units[: len(units) // 2]
-    table = build_lut(first, path, runs=2, warmup=0, progress=False)
+    table = build_lut(first, path, runs=2, warmup=0, progress=False, sizes=[SIZE])
     assert set(table.entries) == {u.key for u in first}
     raw = json.loads(path.read_text())
     assert raw["machine"]["cpu"] and raw["engine"] == "onnxruntime" and raw["threads"] == 1
     assert all(e["ms"] >= 0 and e["macs"] > 0 for e in raw["entries"].values())
-    assert raw["overhead_ms"] > 0
+    assert raw["overhead_ms"] > 0 and raw["fixed_ms"]["64x64"] >= raw["overhead_ms"]
     # a second call measures only what is missing and keeps the measured entries
     calls = []
     real = lut_mod.unit_runner
@@ -85,6 +85,10 @@ def test_lut_refuses_a_mismatched_table(tmp_path):
     build_lut(space_units(TINY, SIZE)[:1], path, runs=1, warmup=0, progress=False)
     with pytest.raises(LutError, match="1 thread"):
         build_lut(space_units(TINY, SIZE)[:1], path, threads=2, runs=1, warmup=0, progress=False)
+    with pytest.raises(LutError, match="wall clock"):
+        build_lut(space_units(TINY, SIZE)[:1], path, clock="cpu", runs=1, warmup=0, progress=False)
+    with pytest.raises(ValueError, match="one thread only"):
+        build_lut(space_units(TINY, SIZE)[:1], tmp_path / "cpu.json", clock="cpu", threads=2, progress=False)
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(LutError, match="bad.json: not valid JSON"):
@@ -119,6 +123,9 @@ def test_predictor_adds_up_a_known_table():
     assert sum(s["ms"] for s in pred.stages) == pytest.approx(expected - 0.25)
     assert pred.macs == count_macs(create_model("cpubone_nano"), 224).total and pred.params == 6_519_700
     assert {s["stage"] for s in pred.stages} == {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
+    # a measured fixed overhead at the size replaces the per-call one
+    table.fixed_ms["224x224"] = 1.5
+    assert predict("cpubone_nano", table, count=False).latency_ms == pytest.approx(expected - 0.25 + 1.5)
     del table.entries[units[-1][1].key]
     with pytest.raises(LutError, match="1 unit"):
         predict("cpubone_nano", table)

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="runtime to measure in (default onnxruntime)")
     q.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     q.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size (default 224 224)")
+    q.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: latency (default); cpu: CPU time per call, unaffected by other processes on a "
+                        "shared machine (1 thread only)")
     q.add_argument("--runs", type=int, default=20, help="timed calls per unit (default 20)")
     q.add_argument("--warmup", type=int, default=5, help="untimed calls per unit (default 5)")
     q.add_argument("--config", nargs="*", default=(), metavar="CONFIG",
@@ -85,8 +88,9 @@ def _lut(args: argparse.Namespace) -> int:
     for source in args.config:
         units += [u for _, u in model_units(_load(source), size)]
     table = build_lut(units, args.output, engine=args.engine, threads=args.threads, runs=args.runs,
-                      warmup=args.warmup)
-    print(f"wrote {args.output}: {table.describe()}; per-call overhead {table.overhead_ms * 1e3:.0f} us")
+                      warmup=args.warmup, clock=args.clock, sizes=[size])
+    print(f"wrote {args.output}: {table.describe()}; fixed overhead at {size[0]}x{size[1]} "
+          f"{table.fixed_overhead(size):.3f} ms (per call {table.overhead_ms * 1e3:.0f} us)")
     return 0
 
 
@@ -100,7 +104,7 @@ def _predict(args: argparse.Namespace) -> int:
         print_json(pred.to_dict())
         return 0
     print(f"{pred.name} at {pred.size[0]}x{pred.size[1]}: predicted {pred.latency_ms:.2f} ms "
-          f"(incl. {pred.overhead_ms * 1e3:.0f} us per-call overhead), {pred.macs:,} MACs, {pred.params:,} params")
+          f"(incl. {pred.overhead_ms:.3f} ms fixed overhead), {pred.macs:,} MACs, {pred.params:,} params")
     print(f"table: {pred.lut}")
     print_table(pred.stages, title="per stage")
     return 0

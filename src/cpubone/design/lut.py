@@ -4,7 +4,15 @@ Every unit (``cpubone.design.units``) the search space and the released variants
 input size is built from the real layers in its inference form, exported to ONNX and timed alone at
 batch 1 with the project's timing harness (ONNX Runtime with pinned threads, or eager PyTorch). An entry
 is the unit's median time minus the runtime's per-call overhead, measured the same way on a one-op
-graph; the overhead is stored once and added once per predicted model.
+graph. What a whole network costs beyond the sum of its parts (the call, the input copy, layout changes
+between parts, weights no longer hot in cache) is measured once per input size on a small reference
+network (``REFERENCE``: CPUBone-Nano with one block per attention stage), timed in interleaved rounds with
+its own units: fixed overhead = its latency - the sum of its entries. A prediction adds it once.
+
+Clock: wall time (``perf_counter``) by default; ``clock="cpu"`` (one thread only) times the CPU time a
+call uses, which other processes do not inflate: on a machine shared beyond its cores, a whole network is
+preempted many times per call while a unit of 0.1 ms rarely is, so wall-clock tables and measurements
+there disagree by the load, not by the method.
 
 The table is a portable JSON file naming the machine, engine, threads and library versions, so it can be
 measured on the target device (a Raspberry Pi with the project installed) and searched anywhere. It is
@@ -26,11 +34,14 @@ import torch.nn as nn
 
 from .units import Unit, make_unit
 
-__all__ = ["LUT_FORMAT", "ENGINES", "LatencyTable", "LutError", "build_lut", "load_lut", "unit_runner",
-           "overhead_runner", "unit_work"]
+__all__ = ["LUT_FORMAT", "ENGINES", "CLOCKS", "REFERENCE", "LatencyTable", "LutError", "build_lut", "load_lut",
+           "unit_runner", "overhead_runner", "model_runner", "time_rounds", "calibrate", "unit_work"]
 
 LUT_FORMAT = "cpubone-lut/1"
 ENGINES = ("onnxruntime", "eager")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# the calibration network of the fixed overhead: small, so the overhead is not lost in its noise
+REFERENCE = {"name": "reference", "base": "cpubone_nano", "depths": [0, 1, 1, 1, 1]}
 
 
 class LutError(ValueError):
@@ -44,13 +55,19 @@ class LatencyTable:
     engine: str
     threads: int
     machine: Dict[str, Any]
-    overhead_ms: float = 0.0
+    overhead_ms: float = 0.0  # one runtime call on a negligible graph
     entries: Dict[str, Dict[str, float]] = field(default_factory=dict)
     runs: int = 0
     path: Optional[str] = None
+    clock: str = "wall"
+    fixed_ms: Dict[str, float] = field(default_factory=dict)  # per "HxW": a network's cost beyond its units
 
     def ms(self, key: str) -> float:
         return self.entries[key]["ms"]
+
+    def fixed_overhead(self, size: Sequence[int]) -> float:
+        """The measured fixed overhead at ``size`` (H, W); the per-call overhead where none was measured."""
+        return self.fixed_ms.get(f"{int(size[0])}x{int(size[1])}", self.overhead_ms)
 
     def missing(self, keys: Iterable[str]) -> List[str]:
         return sorted({k for k in keys if k not in self.entries})
@@ -58,11 +75,12 @@ class LatencyTable:
     def describe(self) -> str:
         m = self.machine
         return (f"{m.get('cpu', '?')} ({m.get('arch', '?')}), {self.engine}, {self.threads} thread(s), "
-                f"{len(self.entries)} entries")
+                f"{self.clock} clock, {len(self.entries)} entries")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(format=LUT_FORMAT, engine=self.engine, threads=self.threads, machine=self.machine,
-                    overhead_ms=self.overhead_ms, runs=self.runs, entries=dict(sorted(self.entries.items())))
+        return dict(format=LUT_FORMAT, engine=self.engine, threads=self.threads, clock=self.clock,
+                    machine=self.machine, overhead_ms=self.overhead_ms, fixed_ms=self.fixed_ms, runs=self.runs,
+                    entries=dict(sorted(self.entries.items())))
 
     def save(self, path: os.PathLike) -> Path:
         path = Path(path)
@@ -96,9 +114,12 @@ def load_lut(path: os.PathLike) -> LatencyTable:
             Unit.from_key(k)
         except ValueError:
             raise LutError(f"{path}: entry {k!r} is not a unit key") from None
+    if raw.get("clock", "wall") not in CLOCKS:
+        raise LutError(f"{path}: clock {raw.get('clock')!r} is not one of {', '.join(CLOCKS)}")
     return LatencyTable(engine=raw["engine"], threads=int(raw["threads"]), machine=raw["machine"],
                         overhead_ms=float(raw.get("overhead_ms", 0.0)), entries=entries, runs=int(raw.get("runs", 0)),
-                        path=str(path))
+                        path=str(path), clock=raw.get("clock", "wall"),
+                        fixed_ms={str(k): float(v) for k, v in (raw.get("fixed_ms") or {}).items()})
 
 
 def _export(module: nn.Module, shape: Sequence[int], tmp: str, name: str) -> Path:
@@ -144,13 +165,62 @@ def unit_work(unit: Unit) -> Tuple[int, int]:
     return count_macs(module, unit.input_shape).total, count_params(module)
 
 
-def _time(fn: Callable[[], object], engine: str, threads: int, runs: int, warmup: int) -> float:
+def model_runner(config: Dict[str, Any], size: Sequence[int], engine: str, threads: int, tmp: str,
+                 tag: str = "model") -> Callable[[], object]:
+    """A zero-argument batch-1 call of the whole design ``config`` in the form ``cpubone export`` deploys."""
+    from ..analysis.latency import eager_runner, onnx_runner
+    from ..deploy.reparam import reparameterize
+    from ..models import create_model
+
+    torch.manual_seed(0)
+    model = reparameterize(create_model(dict(config)).eval(), inplace=True)
+    shape = (1, 3, int(size[0]), int(size[1]))
+    if engine == "onnxruntime":
+        from ..deploy.onnx import export_onnx
+
+        return onnx_runner(export_onnx(model, Path(tmp) / f"{tag}.onnx", input_size=shape[2:]), shape, threads)
+    return eager_runner(model, shape)
+
+
+def time_rounds(runners: Dict[str, Callable[[], object]], engine: str, threads: int, rounds: int, runs: int,
+                warmup: int, clock: str = "wall") -> Dict[str, List[float]]:
+    """Per-call times (ms) of every runner, timed in ``rounds`` interleaved rounds of ``runs`` calls each,
+    so that a change of load on the machine hits all runners alike."""
     from ..analysis.latency import time_callable, torch_threads
 
-    if engine == "eager":
-        with torch_threads(threads), torch.inference_mode():
-            return time_callable(fn, runs, warmup, threads, engine).median_ms
-    return time_callable(fn, runs, warmup, threads, engine).median_ms
+    times: Dict[str, List[float]] = {k: [] for k in runners}
+    for r in range(rounds):
+        for key, fn in runners.items():
+            args = (fn, runs, warmup if r == 0 else 1, threads, engine)
+            if engine == "eager":
+                with torch_threads(threads), torch.inference_mode():
+                    time_callable(*args, times=times[key], clock=CLOCKS[clock])
+            else:
+                time_callable(*args, times=times[key], clock=CLOCKS[clock])
+    return times
+
+
+def _median(fn: Callable[[], object], engine: str, threads: int, runs: int, warmup: int, clock: str) -> float:
+    return statistics.median(time_rounds({"x": fn}, engine, threads, 1, runs, warmup, clock)["x"])
+
+
+def calibrate(table: LatencyTable, size: Sequence[int], tmp: str, runs: int = 10, rounds: int = 5) -> float:
+    """Measure the fixed overhead at ``size`` on ``REFERENCE`` (see the module doc) into ``table``."""
+    from ..models import load_config
+    from .units import model_units
+
+    cfg = load_config(REFERENCE)
+    units = [u for _, u in model_units(cfg, size)]
+    runners = {"call": overhead_runner(table.engine, table.threads, tmp),
+               "model": model_runner(cfg, size, table.engine, table.threads, tmp, "reference")}
+    for u in dict.fromkeys(units):
+        runners[u.key] = unit_runner(u, table.engine, table.threads, tmp)
+    med = {k: statistics.median(v) for k, v in
+           time_rounds(runners, table.engine, table.threads, rounds, runs, 3, table.clock).items()}
+    parts = sum(med[u.key] - med["call"] for u in units)
+    fixed = max(med["model"] - parts, med["call"])
+    table.fixed_ms[f"{int(size[0])}x{int(size[1])}"] = round(fixed, 5)
+    return fixed
 
 
 def build_lut(
@@ -162,6 +232,8 @@ def build_lut(
     warmup: int = 5,
     progress: bool = True,
     save_every_s: float = 10.0,
+    clock: str = "wall",
+    sizes: Sequence[Sequence[int]] = (),
 ) -> LatencyTable:
     """Measure every unit not yet in the table at ``output`` and write the table there.
 
@@ -174,6 +246,8 @@ def build_lut(
         runs / warmup: timed and untimed calls per unit (the median is kept).
         progress: a progress bar on the terminal.
         save_every_s: write the table at least this often while measuring (a kill loses less).
+        clock: 'wall' (latency) or 'cpu' (CPU time per call, one thread only; see the module doc).
+        sizes: input sizes (H, W) whose fixed overhead to measure (``calibrate``) if the table lacks it.
     """
     from ..analysis.latency import check_timing_args
     from ..analysis.machine import machine_info
@@ -181,31 +255,39 @@ def build_lut(
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
     check_timing_args(threads, runs, warmup)
+    if clock not in CLOCKS:
+        raise ValueError(f"clock={clock!r}: expected one of {', '.join(CLOCKS)}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError(f"clock='cpu' with threads={threads}: CPU time is the latency of one thread only")
     output = Path(output)
     if output.exists() and output.is_dir():
         raise LutError(f"{output}: is a directory, expected a .json file to write the table to")
     here = machine_info().to_dict()
     if output.is_file():
         table = load_lut(output)
-        if table.engine != engine or table.threads != threads:
-            raise LutError(f"{output}: measured with {table.engine} at {table.threads} thread(s), not {engine} at "
-                           f"{threads}; write to another file")
+        if table.engine != engine or table.threads != threads or table.clock != clock:
+            raise LutError(f"{output}: measured with {table.engine} at {table.threads} thread(s) ({table.clock} clock), "
+                           f"not {engine} at {threads} ({clock} clock); write to another file")
         if table.machine.get("cpu") != here["cpu"] or table.machine.get("arch") != here["arch"]:
             raise LutError(f"{output}: measured on {table.machine.get('cpu')!r}, this is {here['cpu']!r}; "
                            "write to another file")
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
-        table = LatencyTable(engine=engine, threads=threads, machine=here, runs=runs)
+        table = LatencyTable(engine=engine, threads=threads, machine=here, runs=runs, clock=clock)
     todo = [u for u in dict.fromkeys(units) if u.key not in table.entries]
-    with tempfile.TemporaryDirectory() as tmp, _Progress(progress, len(todo)) as step:
+    calib = [tuple(int(v) for v in sz) for sz in sizes if f"{int(sz[0])}x{int(sz[1])}" not in table.fixed_ms]
+    with tempfile.TemporaryDirectory() as tmp, _Progress(progress, len(todo) + len(calib)) as step:
         # the per-call overhead, measured beside the entries in this session
-        overhead = _time(overhead_runner(engine, threads, tmp), engine, threads, max(runs, 50), warmup)
+        overhead = _median(overhead_runner(engine, threads, tmp), engine, threads, max(runs, 50), warmup, clock)
         table.overhead_ms = overhead if not table.entries else statistics.median([table.overhead_ms, overhead])
         last = time.monotonic()
+        for sz in calib:
+            step(f"fixed overhead at {sz[0]}x{sz[1]}")
+            calibrate(table, sz, tmp, runs=max(runs // 2, 3))
         for unit in todo:
             step(unit.key)
             fn = unit_runner(unit, engine, threads, tmp)
-            ms = _time(fn, engine, threads, runs, warmup)
+            ms = _median(fn, engine, threads, runs, warmup, clock)
             macs, params = unit_work(unit)
             table.entries[unit.key] = dict(ms=round(max(ms - overhead, 0.0), 5), macs=macs, params=params)
             if time.monotonic() - last > save_every_s:

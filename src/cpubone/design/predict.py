@@ -1,8 +1,8 @@
 """``cpubone design predict``: a design's latency from a lookup table, with MACs, params and a per-stage
 breakdown.
 
-predicted latency = the runtime's per-call overhead + the sum of the table's entries over the design's
-units (``cpubone.design.units``): the paper's "latency = sum over blocks of MACs / MACpS", with each
+predicted latency = the table's measured fixed overhead at the input size + the sum of its entries over
+the design's units (``cpubone.design.units``): the paper's "latency = sum over blocks of MACs / MACpS", with each
 block's MACpS measured on the target CPU instead of assumed.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def predict_latency(config: Mapping[str, Any], lut: LatencyTable, size: Sequence
     per_stage: Dict[str, float] = {}
     for label, u in units:
         per_stage[label] = per_stage.get(label, 0.0) + lut.ms(u.key)
-    return lut.overhead_ms + sum(per_stage.values()), per_stage
+    return lut.fixed_overhead(size) + sum(per_stage.values()), per_stage
 
 
 def model_size(config: Mapping[str, Any], size: Sequence[int]) -> Tuple[int, int, Dict[str, Tuple[int, int]]]:
@@ -83,7 +83,7 @@ def predict(source: Union[str, Mapping[str, Any]], lut: LatencyTable, size: Opti
         raise ValueError(f"size {size}: expected H W, each at least 32")
     total, per_stage = predict_latency(config, lut, size)
     pred = Prediction(name=config["name"], size=(int(size[0]), int(size[1])), latency_ms=total,
-                      overhead_ms=lut.overhead_ms, lut=lut.describe())
+                      overhead_ms=lut.fixed_overhead(size), lut=lut.describe())
     macs = {}
     if count:
         pred.macs, pred.params, macs = model_size(config, size)

@@ -241,7 +241,7 @@ class Candidate:
 
 
 def _sum_units(config: Mapping[str, Any], lut: LatencyTable, size: Tuple[int, int]) -> Tuple[float, int, int]:
-    ms, macs, params = lut.overhead_ms, 0, 0
+    ms, macs, params = lut.fixed_overhead(size), 0, 0
     for _, u in model_units(config, size):
         e = lut.entries[u.key]
         ms += e["ms"]
