@@ -110,3 +110,51 @@ def test_cli_accepts_a_config(tmp_path, capsys):
     path.write_text('{"base": "cpubone_nano", "depth": 3}')
     assert main(["info", str(path)]) == 2
     assert "unknown key 'depth'" in capsys.readouterr().err
+
+
+# --- a design goes wherever a model name goes: bench, profile, export, train ----------------------------
+SMALL_DESIGN = {"name": "small_design", "base": "cpubone_nano", "expand_groups": [2, 2, 4, 1],
+                "kernel_sizes": [3, 3, 3, 2], "head_widths": [128, 160]}
+
+
+@pytest.fixture()
+def design_file(tmp_path):
+    path = tmp_path / "small_design.json"
+    path.write_text(json.dumps(SMALL_DESIGN))
+    return path
+
+
+def test_bench_and_profile_take_a_config(design_file, tmp_path, monkeypatch):
+    from cpubone.analysis.bench import run_bench
+    from cpubone.analysis.profile import profile_model
+
+    monkeypatch.setenv("CPUBONE_CACHE_DIR", str(tmp_path / "cache"))
+    res = run_bench([str(design_file)], size=64, runs=2, warmup=1, rounds=1, out_dir=None, progress=False)
+    row = res.rows[0]
+    model = create_model(str(design_file))
+    assert row.family == "CPUBone" and row.deploy_form and row.top1 is None
+    assert row.params == count_params(model) and row.macs == count_macs(model, 64).total
+    prof = profile_model(str(design_file), size=64, runs=2, warmup=1, out_dir=None)
+    assert prof.macs == row.macs
+    assert {b["kind"] for b in prof.blocks} >= {"GrFuMBConv", "Lowtention", "MLP", "FuMBConv"}
+    # the export cache follows the file's content, not its name
+    design_file.write_text(json.dumps(dict(SMALL_DESIGN, depths=[0, 1, 1, 2, 2])))
+    res2 = run_bench([str(design_file)], size=64, runs=1, warmup=0, rounds=1, out_dir=None, progress=False)
+    assert res2.rows[0].macs > row.macs
+
+
+def test_export_takes_a_config(design_file, tmp_path, capsys):
+    assert main(["export", str(design_file), "-o", str(tmp_path / "d.onnx"), "--size", "64", "64"]) == 0
+    assert "OK: max abs difference" in capsys.readouterr().out
+
+
+def test_train_takes_a_config_and_saves_a_design(design_file, tmp_path):
+    from cpubone.train.data import write_digits_imagefolder
+
+    data = write_digits_imagefolder(tmp_path / "digits", size=32)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", str(design_file), "--recipe", "digits", "--epochs", "1",
+                 "--batch-size", "64", "--workers", "0", "--output", str(out)]) == 0
+    trained = create_model(str(out / "best_model"), pretrained=True).eval()
+    assert trained.model_config == create_model(str(design_file)).model_config
+    assert trained.num_classes == 10
