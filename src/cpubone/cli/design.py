@@ -160,13 +160,15 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    import json
+    import tempfile
+    from pathlib import Path
 
     from ..models import save_config
 
     cfg = _load(args.model)
     if args.output:
         print(f"wrote {save_config(cfg, args.output)}")
-    else:
-        print(json.dumps(cfg, indent=2))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:  # the same text the file would hold
+        print(save_config(cfg, Path(tmp) / "config.json").read_text(), end="")
     return 0
