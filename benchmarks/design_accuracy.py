@@ -2,10 +2,10 @@
 
 Part A, prediction accuracy: for the 8 released variants and ``--random`` random configs of the default
 search space (inside the proxy's range), every unit of every model, every whole model (inference form,
-ONNX Runtime, batch 1) and the fixed-overhead reference are timed in interleaved rounds, so load from
-elsewhere on a shared machine hits table entries and models alike. Entries and the fixed overhead are
-derived exactly as ``build_lut`` / ``calibrate`` derive them; each model's prediction (fixed overhead +
-sum of its entries) is set against its measured median.
+ONNX Runtime, batch 1) and the two calibration references are timed in interleaved rounds, so load
+from elsewhere on a shared machine hits table entries and models alike. Entries, fixed overhead and scale
+are derived exactly as ``build_lut`` / ``calibrate`` derive them; each model's prediction (fixed overhead
++ scale x sum of its entries) is set against its measured median.
 
 Part B, the real workflow: ``build_lut`` over the whole default space (resumable, in ``--out``), ``search``
 for the best proxy under ``--budget-ms`` (default: 75% of B0's predicted latency), then the winner and B0
@@ -33,8 +33,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from cpubone.analysis.machine import machine_info  # noqa: E402
-from cpubone.design.lut import (REFERENCE, LatencyTable, build_lut, model_runner, overhead_runner,  # noqa: E402
-                                time_rounds, unit_runner, unit_work)
+from cpubone.design.lut import (REFERENCES, LatencyTable, build_lut, fit_overhead, model_runner,  # noqa: E402
+                                overhead_runner, time_rounds, unit_runner, unit_work)
 from cpubone.design.predict import predict_latency  # noqa: E402
 from cpubone.design.search import SearchSpace, released_units, sample_config, score, search, space_units  # noqa: E402
 from cpubone.design.units import model_units  # noqa: E402
@@ -63,14 +63,16 @@ def random_configs(n: int, size, seed: int) -> dict:
 def part_a(threads: int, size, n_random: int, rounds: int, runs: int, seed: int) -> dict:
     configs = {n: variant_config(n) for n in VARIANTS}
     configs.update(random_configs(n_random, size, seed))
-    reference = load_config(REFERENCE)
-    ref_units = [u for _, u in model_units(reference, size)]
-    units = list(dict.fromkeys([u for c in configs.values() for _, u in model_units(c, size)] + ref_units))
+    refs = [load_config(r) for r in REFERENCES]
+    ref_units = [[u for _, u in model_units(cfg, size)] for cfg in refs]
+    units = list(dict.fromkeys([u for c in configs.values() for _, u in model_units(c, size)]
+                               + [u for us in ref_units for u in us]))
     print(f"[{threads} thread(s)] {len(configs)} models, {len(units)} distinct units", file=sys.stderr)
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runners = {"call": overhead_runner(ENGINE, threads, tmp),
-                   "model:reference": model_runner(reference, size, ENGINE, threads, tmp, "reference")}
+        runners = {"call": overhead_runner(ENGINE, threads, tmp)}
+        for cfg in refs:
+            runners["ref:" + cfg["name"]] = model_runner(cfg, size, ENGINE, threads, tmp, cfg["name"])
         for u in units:  # each session holds its graph once built, so the export file can be reused
             runners[u.key] = unit_runner(u, ENGINE, threads, tmp)
         for name, cfg in configs.items():
@@ -82,9 +84,11 @@ def part_a(threads: int, size, n_random: int, rounds: int, runs: int, seed: int)
             print(f"[{threads} thread(s)] {clock} clock: {len(runners)} runners x {rounds} rounds in "
                   f"{time.time() - t0:.0f} s", file=sys.stderr)
             call = med["call"]
-            fixed = max(med["model:reference"] - sum(med[u.key] - call for u in ref_units), call)
+            sums = [sum(max(med[u.key] - call, 0.0) for u in us) for us in ref_units]
+            fixed, scale = fit_overhead([med["ref:" + cfg["name"]] for cfg in refs], sums, call)
+            key = f"{size[0]}x{size[1]}"
             table = LatencyTable(ENGINE, threads, {}, call, {u.key: dict(ms=max(med[u.key] - call, 0.0))
-                                                             for u in units}, fixed_ms={f"{size[0]}x{size[1]}": fixed})
+                                                             for u in units}, fixed_ms={key: fixed}, scale={key: scale})
             rows = []
             for name, cfg in configs.items():
                 pred, _ = predict_latency(cfg, table, size)
@@ -92,7 +96,8 @@ def part_a(threads: int, size, n_random: int, rounds: int, runs: int, seed: int)
                 rows.append(dict(model=name, predicted_ms=round(pred, 3), measured_ms=round(meas, 3),
                                  error_pct=round(100 * (pred - meas) / meas, 1)))
             errs = [abs(r["error_pct"]) for r in rows]
-            result[clock] = dict(rows=rows, fixed_overhead_ms=round(fixed, 3), median_abs_error_pct=statistics.median(errs),
+            result[clock] = dict(rows=rows, fixed_overhead_ms=round(fixed, 3), scale=round(scale, 3),
+                                 median_abs_error_pct=statistics.median(errs),
                                  worst_abs_error_pct=max(errs),
                                  released_median_abs_error_pct=statistics.median(errs[: len(VARIANTS)]),
                                  random_median_abs_error_pct=statistics.median(errs[len(VARIANTS):]))
@@ -162,7 +167,8 @@ def main(argv=None) -> int:
             s = a[k]
             print(f"\n{k} clock: absolute error median {s['median_abs_error_pct']:.1f}% (released "
                   f"{s['released_median_abs_error_pct']:.1f}%, random {s['random_median_abs_error_pct']:.1f}%), "
-                  f"worst {s['worst_abs_error_pct']:.1f}%; fixed overhead {s['fixed_overhead_ms']:.2f} ms")
+                  f"worst {s['worst_abs_error_pct']:.1f}%; fixed overhead {s['fixed_overhead_ms']:.2f} ms, "
+                  f"scale {s['scale']:.3f}")
         if b is None:
             continue
         if "error" in b:

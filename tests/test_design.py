@@ -7,7 +7,7 @@ import pytest
 from cpubone.analysis.macs import count_macs, count_params
 from cpubone.cli import main
 from cpubone.design import lut as lut_mod
-from cpubone.design.lut import LatencyTable, LutError, build_lut, load_lut, unit_work
+from cpubone.design.lut import LatencyTable, LutError, build_lut, fit_overhead, load_lut, unit_work
 from cpubone.design.predict import predict
 from cpubone.design.search import (PROXY_COEF, SearchSpace, accuracy_proxy, model_depth, proxy_evidence,
                                    released_units, score, search, space_units)
@@ -67,6 +67,7 @@ def test_lut_on_a_tiny_space_resumes(tmp_path, monkeypatch):
     assert raw["machine"]["cpu"] and raw["engine"] == "onnxruntime" and raw["threads"] == 1
     assert all(e["ms"] >= 0 and e["macs"] > 0 for e in raw["entries"].values())
     assert raw["overhead_ms"] > 0 and raw["fixed_ms"]["64x64"] >= raw["overhead_ms"]
+    assert 0.8 <= raw["scale"]["64x64"] <= 1.5
     # a second call measures only what is missing and keeps the measured entries
     calls = []
     real = lut_mod.unit_runner
@@ -123,9 +124,12 @@ def test_predictor_adds_up_a_known_table():
     assert sum(s["ms"] for s in pred.stages) == pytest.approx(expected - 0.25)
     assert pred.macs == count_macs(create_model("cpubone_nano"), 224).total and pred.params == 6_519_700
     assert {s["stage"] for s in pred.stages} == {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
-    # a measured fixed overhead at the size replaces the per-call one
-    table.fixed_ms["224x224"] = 1.5
-    assert predict("cpubone_nano", table, count=False).latency_ms == pytest.approx(expected - 0.25 + 1.5)
+    # a measured fixed overhead and scale at the size replace the per-call overhead
+    table.fixed_ms["224x224"], table.scale["224x224"] = 1.5, 1.1
+    scaled = predict("cpubone_nano", table, count=False)
+    assert scaled.latency_ms == pytest.approx(1.5 + 1.1 * (expected - 0.25))
+    assert sum(s["ms"] for s in scaled.stages) == pytest.approx(1.1 * (expected - 0.25))
+    table.fixed_ms.clear(), table.scale.clear()
     del table.entries[units[-1][1].key]
     with pytest.raises(LutError, match="1 unit"):
         predict("cpubone_nano", table)
@@ -222,3 +226,12 @@ def test_cli_search_writes_the_winner(tmp_path, capsys, small_table):
     space.write_text('{"widht": [1]}')
     assert main(["design", "search", "--budget-ms", "1", "--lut", str(lut_path), "--space", str(space)]) == 2
     assert "unknown search-space key 'widht'" in capsys.readouterr().err
+
+
+def test_fit_overhead_through_two_references():
+    assert fit_overhead([0.5 + 1.2 * 4.0, 0.5 + 1.2 * 10.0], [4.0, 10.0], 0.01) == pytest.approx((0.5, 1.2))
+    # references that disagree beyond the plausible range: scale 1, overhead from the small one
+    assert fit_overhead([5.0, 30.0], [4.0, 10.0], 0.01) == pytest.approx((1.0, 1.0))
+    # never less than one call
+    fixed, scale = fit_overhead([3.0, 9.9], [4.0, 10.0], 0.01)
+    assert fixed == 0.01 and 0.8 <= scale <= 1.5

@@ -4,10 +4,13 @@ Every unit (``cpubone.design.units``) the search space and the released variants
 input size is built from the real layers in its inference form, exported to ONNX and timed alone at
 batch 1 with the project's timing harness (ONNX Runtime with pinned threads, or eager PyTorch). An entry
 is the unit's median time minus the runtime's per-call overhead, measured the same way on a one-op
-graph. What a whole network costs beyond the sum of its parts (the call, the input copy, layout changes
-between parts, weights no longer hot in cache) is measured once per input size on a small reference
-network (``REFERENCE``: CPUBone-Nano with one block per attention stage), timed in interleaved rounds with
-its own units: fixed overhead = its latency - the sum of its entries. A prediction adds it once.
+graph. What a whole network costs beyond the sum of its parts is measured once per input size on two
+reference networks (``REFERENCES``: CPUBone-Nano with one block per attention stage, and a B0 with more
+blocks), timed in interleaved rounds with their own units: their latencies against the sums of their
+entries give a fixed overhead (the call, the input copy) and a scale (weights and activations that a
+unit timed alone finds hot in cache and a whole network does not), so that
+
+    predicted latency = fixed overhead + scale x sum of entries.
 
 Clock: wall time (``perf_counter``) by default; ``clock="cpu"`` (one thread only) times the CPU time a
 call uses, which other processes do not inflate: on a machine shared beyond its cores, a whole network is
@@ -34,14 +37,17 @@ import torch.nn as nn
 
 from .units import Unit, make_unit
 
-__all__ = ["LUT_FORMAT", "ENGINES", "CLOCKS", "REFERENCE", "LatencyTable", "LutError", "build_lut", "load_lut",
-           "unit_runner", "overhead_runner", "model_runner", "time_rounds", "calibrate", "unit_work"]
+__all__ = ["LUT_FORMAT", "ENGINES", "CLOCKS", "REFERENCES", "LatencyTable", "LutError", "build_lut", "load_lut",
+           "unit_runner", "overhead_runner", "model_runner", "time_rounds", "calibrate", "fit_overhead", "unit_work"]
 
 LUT_FORMAT = "cpubone-lut/1"
 ENGINES = ("onnxruntime", "eager")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-# the calibration network of the fixed overhead: small, so the overhead is not lost in its noise
-REFERENCE = {"name": "reference", "base": "cpubone_nano", "depths": [0, 1, 1, 1, 1]}
+# the calibration networks: a small one (the fixed overhead is not lost in its noise) and a larger one
+# (the scale); neither is a released variant, so those stay independent checks of the predictor
+REFERENCES = ({"name": "reference_small", "base": "cpubone_nano", "depths": [0, 1, 1, 1, 1]},
+              {"name": "reference_large", "base": "cpubone_b0", "depths": [0, 1, 2, 4, 4]})
+SCALE_RANGE = (0.8, 1.5)  # outside it the two references disagree too much (noise): scale 1 is used
 
 
 class LutError(ValueError):
@@ -61,6 +67,7 @@ class LatencyTable:
     path: Optional[str] = None
     clock: str = "wall"
     fixed_ms: Dict[str, float] = field(default_factory=dict)  # per "HxW": a network's cost beyond its units
+    scale: Dict[str, float] = field(default_factory=dict)  # per "HxW": whole network / sum of its units
 
     def ms(self, key: str) -> float:
         return self.entries[key]["ms"]
@@ -68,6 +75,13 @@ class LatencyTable:
     def fixed_overhead(self, size: Sequence[int]) -> float:
         """The measured fixed overhead at ``size`` (H, W); the per-call overhead where none was measured."""
         return self.fixed_ms.get(f"{int(size[0])}x{int(size[1])}", self.overhead_ms)
+
+    def scale_at(self, size: Sequence[int]) -> float:
+        """The measured scale of the sum of entries at ``size`` (1 where none was measured)."""
+        return self.scale.get(f"{int(size[0])}x{int(size[1])}", 1.0)
+
+    def predict_ms(self, entries_sum: float, size: Sequence[int]) -> float:
+        return self.fixed_overhead(size) + self.scale_at(size) * entries_sum
 
     def missing(self, keys: Iterable[str]) -> List[str]:
         return sorted({k for k in keys if k not in self.entries})
@@ -79,7 +93,8 @@ class LatencyTable:
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(format=LUT_FORMAT, engine=self.engine, threads=self.threads, clock=self.clock,
-                    machine=self.machine, overhead_ms=self.overhead_ms, fixed_ms=self.fixed_ms, runs=self.runs,
+                    machine=self.machine, overhead_ms=self.overhead_ms, fixed_ms=self.fixed_ms, scale=self.scale,
+                    runs=self.runs,
                     entries=dict(sorted(self.entries.items())))
 
     def save(self, path: os.PathLike) -> Path:
@@ -119,7 +134,8 @@ def load_lut(path: os.PathLike) -> LatencyTable:
     return LatencyTable(engine=raw["engine"], threads=int(raw["threads"]), machine=raw["machine"],
                         overhead_ms=float(raw.get("overhead_ms", 0.0)), entries=entries, runs=int(raw.get("runs", 0)),
                         path=str(path), clock=raw.get("clock", "wall"),
-                        fixed_ms={str(k): float(v) for k, v in (raw.get("fixed_ms") or {}).items()})
+                        fixed_ms={str(k): float(v) for k, v in (raw.get("fixed_ms") or {}).items()},
+                        scale={str(k): float(v) for k, v in (raw.get("scale") or {}).items()})
 
 
 def _export(module: nn.Module, shape: Sequence[int], tmp: str, name: str) -> Path:
@@ -204,23 +220,42 @@ def _median(fn: Callable[[], object], engine: str, threads: int, runs: int, warm
     return statistics.median(time_rounds({"x": fn}, engine, threads, 1, runs, warmup, clock)["x"])
 
 
-def calibrate(table: LatencyTable, size: Sequence[int], tmp: str, runs: int = 10, rounds: int = 5) -> float:
-    """Measure the fixed overhead at ``size`` on ``REFERENCE`` (see the module doc) into ``table``."""
+def fit_overhead(measured: Sequence[float], sums: Sequence[float], call_ms: float) -> Tuple[float, float]:
+    """(fixed overhead, scale) with measured = fixed + scale x sum through the small and the large reference.
+
+    Falls back to scale 1 and fixed = small reference - its sum when the references disagree beyond
+    ``SCALE_RANGE``; the fixed overhead is at least one call.
+    """
+    (m_s, m_l), (s_s, s_l) = measured, sums
+    scale = (m_l - m_s) / (s_l - s_s) if s_l > s_s else 1.0
+    if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+        scale = 1.0
+    fixed = m_s - scale * s_s
+    if fixed < call_ms:  # a small network cannot cost less than its call: keep the call, refit the scale
+        fixed = call_ms
+        scale = min(max((m_l - fixed) / s_l, SCALE_RANGE[0]), SCALE_RANGE[1]) if s_l > 0 else 1.0
+    return fixed, scale
+
+
+def calibrate(table: LatencyTable, size: Sequence[int], tmp: str, runs: int = 10, rounds: int = 5) -> Tuple[float, float]:
+    """Measure the fixed overhead and the scale at ``size`` on ``REFERENCES`` (module doc) into ``table``."""
     from ..models import load_config
     from .units import model_units
 
-    cfg = load_config(REFERENCE)
-    units = [u for _, u in model_units(cfg, size)]
-    runners = {"call": overhead_runner(table.engine, table.threads, tmp),
-               "model": model_runner(cfg, size, table.engine, table.threads, tmp, "reference")}
-    for u in dict.fromkeys(units):
+    refs = [load_config(r) for r in REFERENCES]
+    ref_units = [[u for _, u in model_units(cfg, size)] for cfg in refs]
+    runners = {"call": overhead_runner(table.engine, table.threads, tmp)}
+    for cfg in refs:
+        runners["model:" + cfg["name"]] = model_runner(cfg, size, table.engine, table.threads, tmp, cfg["name"])
+    for u in dict.fromkeys(u for units in ref_units for u in units):
         runners[u.key] = unit_runner(u, table.engine, table.threads, tmp)
     med = {k: statistics.median(v) for k, v in
            time_rounds(runners, table.engine, table.threads, rounds, runs, 3, table.clock).items()}
-    parts = sum(med[u.key] - med["call"] for u in units)
-    fixed = max(med["model"] - parts, med["call"])
-    table.fixed_ms[f"{int(size[0])}x{int(size[1])}"] = round(fixed, 5)
-    return fixed
+    sums = [sum(max(med[u.key] - med["call"], 0.0) for u in units) for units in ref_units]  # as entries are kept
+    fixed, scale = fit_overhead([med["model:" + cfg["name"]] for cfg in refs], sums, med["call"])
+    key = f"{int(size[0])}x{int(size[1])}"
+    table.fixed_ms[key], table.scale[key] = round(fixed, 5), round(scale, 5)
+    return fixed, scale
 
 
 def build_lut(
@@ -247,7 +282,8 @@ def build_lut(
         progress: a progress bar on the terminal.
         save_every_s: write the table at least this often while measuring (a kill loses less).
         clock: 'wall' (latency) or 'cpu' (CPU time per call, one thread only; see the module doc).
-        sizes: input sizes (H, W) whose fixed overhead to measure (``calibrate``) if the table lacks it.
+        sizes: input sizes (H, W) whose fixed overhead and scale to measure (``calibrate``) if the table
+            lacks them.
     """
     from ..analysis.latency import check_timing_args
     from ..analysis.machine import machine_info
@@ -275,14 +311,15 @@ def build_lut(
         output.parent.mkdir(parents=True, exist_ok=True)
         table = LatencyTable(engine=engine, threads=threads, machine=here, runs=runs, clock=clock)
     todo = [u for u in dict.fromkeys(units) if u.key not in table.entries]
-    calib = [tuple(int(v) for v in sz) for sz in sizes if f"{int(sz[0])}x{int(sz[1])}" not in table.fixed_ms]
+    calib = [tuple(int(v) for v in sz) for sz in sizes
+             if f"{int(sz[0])}x{int(sz[1])}" not in table.fixed_ms or f"{int(sz[0])}x{int(sz[1])}" not in table.scale]
     with tempfile.TemporaryDirectory() as tmp, _Progress(progress, len(todo) + len(calib)) as step:
         # the per-call overhead, measured beside the entries in this session
         overhead = _median(overhead_runner(engine, threads, tmp), engine, threads, max(runs, 50), warmup, clock)
         table.overhead_ms = overhead if not table.entries else statistics.median([table.overhead_ms, overhead])
         last = time.monotonic()
         for sz in calib:
-            step(f"fixed overhead at {sz[0]}x{sz[1]}")
+            step(f"overhead and scale at {sz[0]}x{sz[1]}")
             calibrate(table, sz, tmp, runs=max(runs // 2, 3))
         for unit in todo:
             step(unit.key)

@@ -1,8 +1,9 @@
 """``cpubone design predict``: a design's latency from a lookup table, with MACs, params and a per-stage
 breakdown.
 
-predicted latency = the table's measured fixed overhead at the input size + the sum of its entries over
-the design's units (``cpubone.design.units``): the paper's "latency = sum over blocks of MACs / MACpS", with each
+predicted latency = the table's measured fixed overhead at the input size + its measured scale x the sum
+of its entries over the design's units (``cpubone.design.units``; the overhead and scale are measured on
+two reference networks, see ``cpubone.design.lut``): the paper's "latency = sum over blocks of MACs / MACpS", with each
 block's MACpS measured on the target CPU instead of assumed.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Prediction:
 
 
 def predict_latency(config: Mapping[str, Any], lut: LatencyTable, size: Sequence[int]) -> Tuple[float, Dict[str, float]]:
-    """(total ms, ms per stage label) of a loaded config from ``lut``; raises ``LutError`` when the table
+    """(total ms, scaled ms per stage label) of a loaded config from ``lut``; raises ``LutError`` when the table
     lacks units of the design (naming how many and one of them)."""
     size = (int(size[0]), int(size[1]))
     units = model_units(config, size)
@@ -43,8 +44,9 @@ def predict_latency(config: Mapping[str, Any], lut: LatencyTable, size: Sequence
         raise LutError(f"{lut.path or 'latency table'}: {len(missing)} unit(s) of this design at {size[0]}x{size[1]} "
                        f"are not measured (e.g. {missing[0]}); measure them with build_lut on this design")
     per_stage: Dict[str, float] = {}
+    scale = lut.scale_at(size)
     for label, u in units:
-        per_stage[label] = per_stage.get(label, 0.0) + lut.ms(u.key)
+        per_stage[label] = per_stage.get(label, 0.0) + scale * lut.ms(u.key)
     return lut.fixed_overhead(size) + sum(per_stage.values()), per_stage
 
 

@@ -241,13 +241,14 @@ class Candidate:
 
 
 def _sum_units(config: Mapping[str, Any], lut: LatencyTable, size: Tuple[int, int]) -> Tuple[float, int, int]:
-    ms, macs, params = lut.fixed_overhead(size), 0, 0
+    """(predicted ms, MACs, params) of ``config`` from the table's entries alone."""
+    ms, macs, params = 0.0, 0, 0
     for _, u in model_units(config, size):
         e = lut.entries[u.key]
         ms += e["ms"]
         macs += int(e["macs"])
         params += int(e["params"])
-    return ms, macs, params
+    return lut.predict_ms(ms, size), macs, params
 
 
 def recipe_config(config: Mapping[str, Any]) -> Dict[str, Any]:
