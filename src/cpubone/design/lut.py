@@ -273,7 +273,7 @@ def build_lut(
     """Measure every unit not yet in the table at ``output`` and write the table there.
 
     Args:
-        units: the units to cover (``design_space_units`` of a search space, or a model's units).
+        units: the units to cover (``space_units`` of a search space, ``model_units`` of a design).
         output: the JSON table; an existing one measured with the same engine, threads and CPU is extended
             (entries already there are reused, not measured again).
         engine: 'onnxruntime' or 'eager'.
