@@ -162,3 +162,14 @@ def test_train_takes_a_config_and_saves_a_design(design_file, tmp_path):
     trained = create_model(str(out / "best_model"), pretrained=True).eval()
     assert trained.model_config == create_model(str(design_file)).model_config
     assert trained.num_classes == 10
+
+
+def test_resolver_names_a_config_source(design_file):
+    from cpubone.models import ResolvedName, is_cpubone, resolve_model_name
+
+    r = resolve_model_name(str(design_file))
+    assert r == ResolvedName("config", "small_design") and r.config["kernel_sizes"] == [3, 3, 3, 2]
+    assert resolve_model_name({"base": "cpubone_b0"}).name == "cpubone_b0"
+    assert is_cpubone(str(design_file)) and is_cpubone({"base": "cpubone_t0"})
+    with pytest.raises(ConfigError, match="missing.json: no such config file"):
+        resolve_model_name(str(design_file.with_name("missing.json")))

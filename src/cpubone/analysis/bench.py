@@ -18,9 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..models import VARIANTS, create_model, is_config_source, is_cpubone, load_config
+from ..deploy.onnx import ExportError
+from ..models import VARIANTS, create_model, resolve_model_name
+from ..outputs import OutputPathError, ResultsNotWritten, check_output_dir
 from .latency import LatencyResult, check_timing_args, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
-from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info
+from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info, usable_threads
 from .macs import count_macs, count_params
 
 __all__ = [
@@ -52,15 +54,13 @@ PEER_TOP1: Dict[str, Tuple[float, str]] = {
 
 def published_top1(name: str) -> Tuple[Optional[float], str]:
     """Published top-1 of ``name`` and where it comes from (None, '' when we have no figure)."""
-    base = name[len("timm/"):] if name.startswith("timm/") else name
-    if is_config_source(name):
-        return None, ""  # a design has no published accuracy
-    if is_cpubone(base) and not name.startswith("timm/"):
-        cfg = VARIANTS[base.split(".")[0]]
+    resolved = resolve_model_name(name)
+    if resolved.source == "cpubone":
+        cfg = VARIANTS[resolved.name]
         if cfg.top1 is not None:
             return cfg.top1, f"Nottebaum et al., CPUBone, CVPR Findings 2026 ({cfg.published_name}, authors' release)"
         return None, ""
-    return PEER_TOP1.get(base.split(".")[0], (None, ""))
+    return PEER_TOP1.get(resolved.name.split(".")[0], (None, ""))
 
 
 def cache_dir() -> Path:
@@ -81,14 +81,8 @@ def check_args(models: Sequence[str], engine: str = "onnxruntime", threads: int 
         raise ValueError(f"size={size}: input side must be at least 32 pixels (the networks downsample by 32)")
     if not models:
         raise ValueError("no models given")
-    import timm
-
-    known = set(timm.list_models())
     for name in models:
-        base = name[len("timm/"):] if name.startswith("timm/") else name
-        if not (is_cpubone(name) and not name.startswith("timm/")) and base.split(".")[0] not in known:
-            raise ValueError(f"unknown model {name!r}: not a CPUBone variant ({', '.join(VARIANTS)}) "
-                             f"and not a timm model")
+        resolve_model_name(name)  # unknown names fail here, before any measuring
 
 
 def build_model(name: str, seed: int = 0) -> Tuple[nn.Module, bool]:
@@ -121,9 +115,10 @@ def _export_key(name: str, size: int) -> str:
 
     from .. import __version__
 
+    resolved = resolve_model_name(name)
     form = "inference-form|" if _ours(name) else ""
-    if is_config_source(name):  # the file's content, not its name, says which network it is
-        form += json.dumps(load_config(name), sort_keys=True) + "|"
+    if resolved.source == "config":  # the file's content, not its name, says which network it is
+        form += json.dumps(resolved.config, sort_keys=True) + "|"
     key = f"{name}|{form}{size}|torch {torch.__version__}|timm {timm.__version__}|onnx {onnx.__version__}|cpubone {__version__}"
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
     return f"{safe}_{size}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.onnx"
@@ -139,7 +134,7 @@ def onnx_export(name: str, model: nn.Module, size: int) -> Path:
 
     path = cache_dir() / "onnx" / _export_key(name, size)
     if not path.exists():
-        export_onnx(model, path, input_size=(size, size), metadata={"cpubone_bench_model": name})
+        export_onnx(model, path, input_size=(size, size), metadata={"cpubone_bench_model": name}, name=name)
     return path
 
 
@@ -183,12 +178,14 @@ class BenchResult:
     rounds: int
     rows: List[BenchRow]
     files: Dict[str, str] = field(default_factory=dict)
+    failed: Dict[str, str] = field(default_factory=dict)  # model -> why it could not be measured
 
     def to_dict(self) -> dict:
         return dict(
             machine=self.machine.to_dict(), engine=self.engine, threads=self.threads, batch_size=1,
             size=self.size, runs=self.runs, warmup=self.warmup, rounds=self.rounds, channels_last=self.channels_last,
             gemm_peak=self.peak.to_dict(), rows=[r.to_dict() for r in self.rows],
+            failed=[dict(model=m, error=e) for m, e in self.failed.items()],
         )
 
 
@@ -205,7 +202,8 @@ class _Entry:
 
 
 def _ours(name: str) -> bool:
-    return is_cpubone(name) and not name.startswith("timm/")
+    """A CPUBone: one of our variants or a design config."""
+    return resolve_model_name(name).source in ("cpubone", "config")
 
 
 def counted_model(name: str, built: nn.Module) -> nn.Module:
@@ -256,24 +254,35 @@ def run_bench(
             later round, to bring its weights back into cache).
         channels_last: eager only, run in channels_last memory format.
         rounds: interleaved rounds (1: each model timed in one go).
-        out_dir: where the report files go (None: write nothing).
+        out_dir: where the report files go (None: write nothing); checked before anything is measured.
         progress: show a progress bar on the terminal.
+
+    A model the ONNX exporter cannot convert is left out and named in ``failed`` with the reason; the
+    others are measured. More threads than usable cores are reduced to the cores (with a warning).
+    Raises ``ResultsNotWritten`` (holding the result) if the report files cannot be written at the end.
     """
     models = list(models) or list(DEFAULT_MODELS)
     check_args(models, engine, threads, size, runs, warmup)
     if channels_last and engine != "eager":
-        raise ValueError("--channels-last applies to the eager engine only (ONNX Runtime picks its own layout)")
+        raise ValueError("channels_last applies to the eager engine only (ONNX Runtime picks its own layout)")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: need at least 1 round")
+    threads = usable_threads(threads)
+    if out_dir is not None:
+        check_output_dir(out_dir, need_bytes=2 ** 20)  # before the measuring, not after it
     rounds = min(rounds, runs)
     chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
     entries: List[_Entry] = []
+    failed: Dict[str, str] = {}
     with _progress(progress, len(models) + rounds) as step:
         peak_fn, peak_method = gemm_runner(engine, threads, GEMM_N)
         peak = _Entry("GEMM peak", 0, GEMM_N ** 3, False, peak_fn)
         for name in models:
             step(f"prepare {name}")
-            entries.append(_prepare(name, engine, threads, size, channels_last))
+            try:
+                entries.append(_prepare(name, engine, threads, size, channels_last))
+            except ExportError as e:  # one model the exporter cannot convert does not stop the others
+                failed[name] = str(e)
         with torch_threads(threads), torch.inference_mode():
             for r, chunk in enumerate(chunks):
                 step(f"timing round {r + 1}/{rounds}")
@@ -290,16 +299,20 @@ def run_bench(
         gmacps = lat.macps(e.macs)
         top1, source = published_top1(e.name)
         rows.append(BenchRow(
-            model=e.name, family="CPUBone" if is_cpubone(e.name) and not e.name.startswith("timm/") else "peer",
+            model=e.name, family="CPUBone" if _ours(e.name) else "peer",
             params=e.params, macs=e.macs, median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms,
             min_ms=lat.min_ms, gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps, top1=top1, top1_source=source,
             deploy_form=e.deployed, latency=lat,
         ))
-    result = BenchResult(machine_info(), eng, threads, size, runs, warmup, channels_last, gemm, rounds, rows)
+    result = BenchResult(machine_info(), eng, threads, size, runs, warmup, channels_last, gemm, rounds, rows,
+                         failed=failed)
     if out_dir is not None:
         from .report import write_bench_report
 
-        result.files = write_bench_report(result, Path(out_dir))
+        try:
+            result.files = write_bench_report(result, Path(out_dir))
+        except OutputPathError as e:
+            raise ResultsNotWritten(f"benchmark measured but not written: {e}", result) from None
     return result
 
 
