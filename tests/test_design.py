@@ -90,6 +90,8 @@ def test_lut_refuses_a_mismatched_table(tmp_path):
         build_lut(space_units(TINY, SIZE)[:1], path, clock="cpu", runs=1, warmup=0, progress=False)
     with pytest.raises(ValueError, match="one thread only"):
         build_lut(space_units(TINY, SIZE)[:1], tmp_path / "cpu.json", clock="cpu", threads=2, progress=False)
+    with pytest.raises(ValueError, match="is a folder"):  # refused before anything is measured
+        build_lut(space_units(TINY, SIZE)[:1], tmp_path, runs=1, warmup=0, progress=False)
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(LutError, match="bad.json: not valid JSON"):

@@ -119,11 +119,10 @@ def _search(args: argparse.Namespace) -> int:
     from ..models import save_config
     from ._render import print_json, print_table
 
-    out_dir = Path(args.out_dir)
-    output = Path(args.output) if args.output else out_dir / "design.json"
-    for path in (out_dir, output.parent):
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path}: exists and is not a directory")
+    from ..outputs import check_output_dir, check_output_file
+
+    out_dir = check_output_dir(args.out_dir)
+    output = check_output_file(args.output if args.output else out_dir / "design.json")
     lut = load_lut(args.lut)
     space = SearchSpace.load(args.space) if args.space else None
     res = search(lut, args.budget_ms, tuple(args.size), args.max_params, space=space, samples=args.samples,

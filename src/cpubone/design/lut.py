@@ -295,9 +295,9 @@ def build_lut(
         raise ValueError(f"clock={clock!r}: expected one of {', '.join(CLOCKS)}")
     if clock == "cpu" and threads != 1:
         raise ValueError(f"clock='cpu' with threads={threads}: CPU time is the latency of one thread only")
-    output = Path(output)
-    if output.exists() and output.is_dir():
-        raise LutError(f"{output}: is a directory, expected a .json file to write the table to")
+    from ..outputs import check_output_file
+
+    output = check_output_file(output)  # before minutes of measuring: a folder, read-only or full disk fail now
     here = machine_info().to_dict()
     if output.is_file():
         table = load_lut(output)
