@@ -9,6 +9,7 @@ fp32 GEMM peak measured in the same engine at the same thread count.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,7 +115,10 @@ def _export_key(name: str, size: int) -> str:
 
     from .. import __version__
 
+    resolved = resolve_model_name(name)
     form = "inference-form|" if _ours(name) else ""
+    if resolved.source == "config":  # the file's content, not its name, says which network it is
+        form += json.dumps(resolved.config, sort_keys=True) + "|"
     key = f"{name}|{form}{size}|torch {torch.__version__}|timm {timm.__version__}|onnx {onnx.__version__}|cpubone {__version__}"
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
     return f"{safe}_{size}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.onnx"
@@ -198,7 +202,8 @@ class _Entry:
 
 
 def _ours(name: str) -> bool:
-    return resolve_model_name(name).source == "cpubone"
+    """A CPUBone: one of our variants or a design config."""
+    return resolve_model_name(name).source in ("cpubone", "config")
 
 
 def counted_model(name: str, built: nn.Module) -> nn.Module:

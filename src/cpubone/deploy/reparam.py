@@ -28,10 +28,10 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..models.cpubone import CPUBone
+from ..models.cpubone import CPUBone, _fuse_children
 from ..models.layers import PAD_MODES, ConvAct, ConvNormAct, Lowtention, LowtentionInference, densify_groups, shape_general
 
-__all__ = ["reparameterize", "ConvAct", "LowtentionInference", "shape_general", "is_reparameterized",
+__all__ = ["reparameterize", "reparameterize_blocks", "ConvAct", "LowtentionInference", "shape_general", "is_reparameterized",
            "densify_groups", "PAD_MODES"]
 
 
@@ -68,3 +68,17 @@ def reparameterize(model: nn.Module, inplace: bool = False, pad_mode: str = "pad
     if not inplace:
         model = copy.deepcopy(model)
     return model.fuse(pad_mode=pad_mode, densify_below=densify_below)
+
+
+@torch.no_grad()
+def reparameterize_blocks(module: nn.Module, pad_mode: str = "pad", densify_below: int = 16) -> nn.Module:
+    """The inference form of a part of a CPUBone (a block, a stage, a head), rewritten in place.
+
+    The same rewrites ``CPUBone.fuse`` applies to a whole model; ``cpubone.design`` times the parts of
+    the design space one by one in the form the whole model is deployed in.
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
+    holder = nn.Sequential(module).eval()  # the rewrite replaces children, so the part itself needs a parent
+    _fuse_children(holder, pad_mode, densify_below)
+    return holder[0].eval()

@@ -397,6 +397,8 @@ def save_pretrained(model: nn.Module, directory: PathLike, extra_config: Optiona
         global_pool=getattr(getattr(model, "head", None), "global_pool", "avg"),
         pretrained_cfg={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
     )
+    if getattr(model, "model_config", None):  # the architecture: create_model(directory) rebuilds it
+        config["model_config"] = dict(model.model_config)
     if extra_config:
         config.update(extra_config)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -2,11 +2,16 @@
 
 Stages 1-2 are GrFuMBConv stages (3x3); stages 3-4 add attention: a stride-2 GrFuMBConv downsample,
 then ``CPUBoneBlock``s (Lowtention + MLP + a 2x2 local block, fused below 256 channels).
+
+Every per-stage choice of that recipe (expand ratio, expansion groups, kernel, attention or not and its
+stride) is a constructor argument, so a new design is the released one with some choices changed;
+``arch_args`` gives the complete, JSON-ready architecture of any argument set (a model's
+``model_config``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +22,8 @@ from timm.models._features import feature_take_indices
 
 from .layers import PAD_MODES, ConvNormAct, FusedMBConv, Lowtention, MBConv, fold_groupnorm_affine
 
-__all__ = ["CPUBone", "CPUBoneBlock", "CPUBoneStage", "ClassifierHead", "CPUBoneConfig", "VARIANTS"]
+__all__ = ["CPUBone", "CPUBoneBlock", "CPUBoneStage", "ClassifierHead", "CPUBoneConfig", "VARIANTS", "ARCH_KEYS",
+           "arch_args"]
 
 
 class CPUBoneBlock(nn.Module):
@@ -170,23 +176,118 @@ def _check_pool(global_pool: str) -> None:
         raise ValueError(f"global_pool={global_pool!r}: CPUBone supports 'avg' or '' (no pooling)")
 
 
+Number = Union[int, float]
+PerStage = Union[Number, Sequence[Number]]
+
+# The architecture arguments of ``CPUBone`` (what a design config holds), in the order configs list them.
+ARCH_KEYS = ("widths", "depths", "head_widths", "expand_ratio", "expand_groups", "downsample_expand_ratio",
+             "stem_expand_ratio", "kernel_sizes", "attention", "attn_strides", "fused_below_channels", "mlp_ratio")
+
+
+def _per_stage(value: Any, key: str, kind: type) -> Tuple[Any, ...]:
+    """One value for each of stages 1-4, from a scalar (all stages) or a 4-sequence."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * 4
+    if len(values) != 4:
+        raise ValueError(f"{key}={value!r}: give one value or 4 (stages 1-4)")
+    out = []
+    for v in values:
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"{key}={value!r}: expected true/false per stage")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v <= 0:
+            raise ValueError(f"{key}={value!r}: expected positive {'integers' if kind is int else 'numbers'}")
+        out.append(kind(v))
+    return tuple(out)
+
+
+def arch_args(
+    widths: Sequence[int] = (16, 32, 64, 128, 256),
+    depths: Sequence[int] = (0, 1, 1, 3, 4),
+    head_widths: Sequence[int] = (1536, 1600),
+    expand_ratio: PerStage = 4.0,
+    expand_groups: PerStage = 2,
+    downsample_expand_ratio: PerStage = 4.0,
+    stem_expand_ratio: float = 4.0,
+    kernel_sizes: Optional[Sequence[int]] = None,
+    attention: Sequence[bool] = (False, False, True, True),
+    attn_strides: Sequence[int] = (2, 1),
+    fused_below_channels: int = 256,
+    mlp_ratio: float = 4.0,
+    small_kernels: bool = True,
+) -> Dict[str, Any]:
+    """The complete architecture (``ARCH_KEYS``, JSON types) of a ``CPUBone`` built with these arguments.
+
+    Scalars apply to every stage; ``attn_strides`` may list stages 3-4 only (the released form);
+    ``kernel_sizes`` defaults to 3x3 in stages 1-2 and, with ``small_kernels``, 2x2 in stages 3-4.
+    Raises ``ValueError`` naming the argument when a value cannot build a model.
+    """
+    widths, depths = list(widths), list(depths)
+    if len(widths) != 5 or len(depths) != 5:
+        raise ValueError(f"widths and depths need 5 entries (stem, stages 1-4), got {widths}, {depths}")
+    for key, vals, low in (("widths", widths, 1), ("depths", depths, 0)):
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in vals):
+            raise ValueError(f"{key}={vals}: expected integers >= {low}")
+    head_widths = list(head_widths)
+    if len(head_widths) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in head_widths):
+        raise ValueError(f"head_widths={head_widths}: expected 2 positive integers (head conv, pre-logits)")
+    if kernel_sizes is None:
+        kernel_sizes = (3, 3) + ((2, 2) if small_kernels else (3, 3))
+    kernels = _per_stage(kernel_sizes, "kernel_sizes", int)
+    if any(k != 2 and k % 2 == 0 for k in kernels):
+        raise ValueError(f"kernel_sizes={list(kernels)}: only odd kernels and 2 are supported")
+    strides = list(attn_strides)
+    if len(strides) == 2:  # the released form: stages 3 and 4
+        strides = [1, 1] + strides
+    attn = _per_stage(attention, "attention", bool)
+    strides = list(_per_stage(strides, "attn_strides", int))
+    ratios = _per_stage(expand_ratio, "expand_ratio", float)
+    groups = _per_stage(expand_groups, "expand_groups", int)
+    down = _per_stage(downsample_expand_ratio, "downsample_expand_ratio", float)
+    for i, (w, g, r, d) in enumerate(zip(widths[1:], groups, ratios, down)):
+        prev = widths[i]
+        # a grouped expansion conv needs whole groups on both sides
+        for cin, mid, what in ((w, round(w * r), "blocks"), (prev, round(prev * d), "downsample")):
+            if cin % g or mid % g:
+                raise ValueError(f"expand_groups={g} in stage {i + 1}: {cin} -> {mid} channels ({what}) "
+                                 f"do not split into {g} groups")
+    if groups[0] > 1 and depths[0] and (widths[0] % groups[0] or round(widths[0] * stem_expand_ratio) % groups[0]):
+        raise ValueError(f"expand_groups={groups[0]}: the stem blocks' {widths[0]} channels do not split into groups")
+    if not isinstance(fused_below_channels, int) or isinstance(fused_below_channels, bool):
+        raise ValueError(f"fused_below_channels={fused_below_channels!r}: expected an integer channel count")
+    return dict(
+        widths=widths, depths=depths, head_widths=head_widths, expand_ratio=list(ratios),
+        expand_groups=list(groups), downsample_expand_ratio=list(down), stem_expand_ratio=float(stem_expand_ratio),
+        kernel_sizes=list(kernels), attention=list(attn), attn_strides=[s if a else 1 for s, a in zip(strides, attn)],
+        fused_below_channels=fused_below_channels, mlp_ratio=float(mlp_ratio),
+    )
+
+
 class CPUBone(nn.Module):
     """CPUBone backbone and classifier.
 
+    Per-stage arguments (``expand_ratio``, ``expand_groups``, ``downsample_expand_ratio``,
+    ``kernel_sizes``, ``attention``, ``attn_strides``) take one value for all stages or one per stage 1-4;
+    the defaults build the released recipe.
+
     Args:
         widths: channels of the stem and of stages 1-4.
-        depths: residual blocks in the stem and in stages 1-4 (stages 1-2 count their stride-2 block,
-            stages 3-4 count only their CPUBoneBlocks, as in the release's configs).
+        depths: residual blocks in the stem and in stages 1-4 (a conv stage counts its stride-2 block,
+            an attention stage only its CPUBoneBlocks, as in the release's configs).
         num_classes: classifier outputs (0 for no classifier).
         in_chans: input image channels.
         head_widths: widths of the head's 1x1 conv and of its pre-logits Linear.
-        expand_ratio: hidden-width ratio of every stride-1 block.
-        expand_groups: groups of every expansion conv (2 = the paper's "Gr" blocks).
-        downsample_expand_ratio: hidden-width ratio of the four stride-2 blocks (6 in B1-B3).
+        expand_ratio: hidden-width ratio of the stride-1 blocks, per stage.
+        expand_groups: groups of the expansion convs, per stage (2 = the paper's "Gr" blocks); the stem
+            blocks use stage 1's.
+        downsample_expand_ratio: hidden-width ratio of each stage's stride-2 block (6 in B1-B3).
         stem_expand_ratio: hidden-width ratio of the stem blocks.
-        small_kernels: 2x2 kernels in the attention stages (Lowtention projection and local blocks).
-        fused_below_channels: below this width the local block is fused (GrFuMBConv), else unfused.
-        attn_strides: Lowtention projection stride in stage 3 and stage 4.
+        kernel_sizes: kernel of each stage's stride-1 blocks (and of its Lowtention projection); None:
+            3 in stages 1-2, and in stages 3-4 2 if ``small_kernels`` else 3.
+        small_kernels: 2x2 kernels in the attention stages (used when ``kernel_sizes`` is None).
+        attention: per stage, CPUBoneBlocks (Lowtention + MLP + local block) instead of conv blocks.
+        attn_strides: Lowtention projection stride per stage, or for stages 3 and 4 only.
+        fused_below_channels: blocks narrower than this are fused (GrFuMBConv), the others unfused
+            (GrMBConv), in conv stages and in the local branch of attention stages.
         mlp_ratio: hidden ratio of the attention-stage MLPs.
         drop_rate: dropout before the classifier.
         proj_drop_rate: dropout after each attention-stage MLP.
@@ -201,13 +302,13 @@ class CPUBone(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         head_widths: Tuple[int, int] = (1536, 1600),
-        expand_ratio: float = 4.0,
-        expand_groups: int = 2,
-        downsample_expand_ratio: float = 4.0,
+        expand_ratio: PerStage = 4.0,
+        expand_groups: PerStage = 2,
+        downsample_expand_ratio: PerStage = 4.0,
         stem_expand_ratio: float = 4.0,
         small_kernels: bool = True,
         fused_below_channels: int = 256,
-        attn_strides: Tuple[int, int] = (2, 1),
+        attn_strides: Sequence[int] = (2, 1),
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.1,
@@ -215,23 +316,28 @@ class CPUBone(nn.Module):
         global_pool: str = "avg",
         norm_layer: type = nn.BatchNorm2d,
         act_layer: type = nn.Hardswish,
+        kernel_sizes: Optional[Sequence[int]] = None,
+        attention: Sequence[bool] = (False, False, True, True),
     ) -> None:
         super().__init__()
-        if len(widths) != 5 or len(depths) != 5:
-            raise ValueError(f"widths and depths need 5 entries (stem, stages 1-4), got {widths}, {depths}")
+        arch = arch_args(widths, depths, head_widths, expand_ratio, expand_groups, downsample_expand_ratio,
+                         stem_expand_ratio, kernel_sizes, attention, attn_strides, fused_below_channels,
+                         mlp_ratio, small_kernels)
+        self.model_config: Dict[str, Any] = arch
+        widths, depths = arch["widths"], arch["depths"]
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         conv_args = dict(norm_layer=norm_layer, act_layer=act_layer)
 
-        # residual blocks in order: stem blocks, then per stage (stages 1-2 count their first block)
-        n_res = depths[0] + sum(max(d - 1, 0) for d in depths[1:3]) + sum(depths[3:])
+        # residual blocks in order: stem blocks, then per stage (conv stages count their first block)
+        n_res = depths[0] + sum(d if a else max(d - 1, 0) for d, a in zip(depths[1:], arch["attention"]))
         dpr = iter([drop_path_rate * i / max(n_res - 1, 1) for i in range(n_res)])
 
         stem_blocks = [
-            FusedMBConv(widths[0], widths[0], 3, 1, stem_expand_ratio, expand_groups, drop_path=next(dpr),
-                        **conv_args)
+            FusedMBConv(widths[0], widths[0], 3, 1, arch["stem_expand_ratio"], arch["expand_groups"][0],
+                        drop_path=next(dpr), **conv_args)
             for _ in range(depths[0])
         ]
         self.stem = Stem(ConvNormAct(in_chans, widths[0], 3, 2, **conv_args), stem_blocks)
@@ -240,30 +346,30 @@ class CPUBone(nn.Module):
         self.feature_info: List[Dict[str, Any]] = []
         prev = widths[0]
         for i, (width, depth) in enumerate(zip(widths[1:], depths[1:])):
-            downsample = FusedMBConv(prev, width, 3, 2, downsample_expand_ratio, expand_groups, **conv_args)
-            if i < 2:
+            ratio, groups, k = arch["expand_ratio"][i], arch["expand_groups"][i], arch["kernel_sizes"][i]
+            downsample = FusedMBConv(prev, width, 3, 2, arch["downsample_expand_ratio"][i], groups, **conv_args)
+            if arch["attention"][i]:
                 blocks: List[nn.Module] = [
-                    FusedMBConv(width, width, 3, 1, expand_ratio, expand_groups, drop_path=next(dpr), **conv_args)
-                    for _ in range(depth - 1)
-                ]
-            else:
-                k = 2 if small_kernels else 3
-                blocks = [
                     CPUBoneBlock(
-                        width, attn_stride=attn_strides[i - 2], attn_kernel=k, mlp_ratio=mlp_ratio,
-                        expand_ratio=expand_ratio, expand_groups=expand_groups, local_kernel=k,
+                        width, attn_stride=arch["attn_strides"][i], attn_kernel=k, mlp_ratio=arch["mlp_ratio"],
+                        expand_ratio=ratio, expand_groups=groups, local_kernel=k,
                         fused_below_channels=fused_below_channels, proj_drop=proj_drop_rate,
                         drop_path=next(dpr), **conv_args,
                     )
                     for _ in range(depth)
                 ]
+            else:
+                # the fused/unfused rule of the paper, as in the attention stages' local blocks
+                block = FusedMBConv if width < fused_below_channels else MBConv
+                blocks = [block(width, width, k, 1, ratio, groups, drop_path=next(dpr), **conv_args)
+                          for _ in range(depth - 1)]
             stages.append(CPUBoneStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=width, reduction=2 ** (i + 2), module=f"stages.{i}"))
             prev = width
         self.stages = nn.Sequential(*stages)
         self.num_features = prev
-        self.head_hidden_size = head_widths[1]
-        self.head = ClassifierHead(prev, head_widths, num_classes, drop_rate, global_pool, act_layer)
+        self.head_hidden_size = arch["head_widths"][1]
+        self.head = ClassifierHead(prev, tuple(arch["head_widths"]), num_classes, drop_rate, global_pool, act_layer)
         self.pretrained_cfg: Dict[str, Any] = default_cfg()
         self._init_weights()
 

@@ -1,14 +1,16 @@
-"""One factory for CPUBone and its peers: our variants are built here, any other name goes to timm."""
+"""One factory for CPUBone and its peers: our variants and design configs are built here, any other
+name goes to timm."""
 from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass
-from typing import Any, List, Literal, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
 from .checkpoints import CheckpointError, load_checkpoint, read_pretrained_config, read_state_dict
+from .config import config_input_size, config_model_args, is_config_source, load_config
 from .cpubone import VARIANTS, CPUBone, default_cfg
 
 __all__ = ["create_model", "list_models", "resolve_model_name", "ResolvedName", "is_cpubone",
@@ -27,26 +29,35 @@ class ResolvedName:
     """What a model name means.
 
     Attributes:
-        source: ``"cpubone"`` for our variants, ``"timm"`` for a model timm builds.
-        name: for ``"cpubone"`` the variant (a key of ``VARIANTS``); for ``"timm"`` the name to give
-            ``timm.create_model`` (``timm/`` prefix removed, pretrained tag kept).
+        source: ``"cpubone"`` for our variants, ``"config"`` for a design config, ``"timm"`` for a model
+            timm builds.
+        name: for ``"cpubone"`` the variant (a key of ``VARIANTS``); for ``"config"`` the design's name;
+            for ``"timm"`` the name to give ``timm.create_model`` (``timm/`` prefix removed, pretrained tag
+            kept).
+        config: for ``"config"`` the loaded design (every architecture key; ``cpubone.models.config``).
     """
 
-    source: Literal["cpubone", "timm"]
+    source: Literal["cpubone", "config", "timm"]
     name: str
+    config: Optional[Dict[str, Any]] = field(default=None, compare=False, hash=False)
 
 
-def resolve_model_name(name: str) -> ResolvedName:
+def resolve_model_name(name: Union[str, os.PathLike, Mapping[str, Any]]) -> ResolvedName:
     """The one place that decides which model a name means; every tool taking a model name goes through it.
 
-    In order: ``timm/NAME`` is timm's model even where we have a variant of that name (e.g.
-    ``timm/cpubone_b0_bfrobust``); a CPUBone variant, optionally with a pretrained tag (``cpubone_b0``,
-    ``cpubone_b0.r224_in1k``), is ours; any other name timm registers (``resnet50``,
-    ``resnet50.a1_in1k``) is timm's. Anything else raises a one-line ``ValueError``.
+    In order: a design config (a dict, a ``.json`` file, or a directory written by ``save_pretrained``)
+    is ours, built from the config; ``timm/NAME`` is timm's model even where we have a variant of that
+    name (e.g. ``timm/cpubone_b0_bfrobust``); a CPUBone variant, optionally with a pretrained tag
+    (``cpubone_b0``, ``cpubone_b0.r224_in1k``), is ours; any other name timm registers (``resnet50``,
+    ``resnet50.a1_in1k``) is timm's. Anything else raises a one-line ``ValueError`` (a ``ConfigError``
+    naming the file and key for a config that cannot build a model).
     """
+    if is_config_source(name):
+        design = load_config(name)
+        return ResolvedName("config", design["name"], design)
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string (a CPUBone variant or a timm model name), "
-                         f"got {name!r}")
+                         f"or a design config, got {name!r}")
     forced_timm = name.startswith(TIMM_PREFIX)
     base = name[len(TIMM_PREFIX):] if forced_timm else name
     if not forced_timm and base.split(".")[0] in VARIANTS:
@@ -57,13 +68,14 @@ def resolve_model_name(name: str) -> ResolvedName:
         return ResolvedName("timm", base)
     if forced_timm:
         raise ValueError(f"unknown model {name!r}: timm has no model {base!r} (timm.list_models())")
-    raise ValueError(f"unknown model {name!r}: not a CPUBone variant ({', '.join(VARIANTS)}) "
-                     f"and not a timm model (timm.list_models())")
+    raise ValueError(f"unknown model {name!r}: not a CPUBone variant ({', '.join(VARIANTS)}), not a design "
+                     f"config (.json) and not a timm model (timm.list_models())")
 
 
-def is_cpubone(name: str) -> bool:
-    """Whether ``name`` means one of our CPUBone variants (``resolve_model_name``; unknown names raise)."""
-    return resolve_model_name(name).source == "cpubone"
+def is_cpubone(name: Union[str, os.PathLike, Mapping[str, Any]]) -> bool:
+    """Whether ``name`` means a CPUBone: one of our variants or a design config (``resolve_model_name``;
+    unknown names raise)."""
+    return resolve_model_name(name).source in ("cpubone", "config")
 
 
 def pretrained_weights_file(name: str) -> str:
@@ -84,7 +96,7 @@ def pretrained_weights_file(name: str) -> str:
 
 
 def create_model(
-    name: str,
+    name: Union[str, os.PathLike, Mapping[str, Any]],
     pretrained: Union[bool, str, os.PathLike] = False,
     num_classes: Optional[int] = None,
     in_chans: Optional[int] = None,
@@ -97,10 +109,13 @@ def create_model(
     """Build a model by name.
 
     Args:
-        name: a CPUBone variant (``list_models()``), or any timm model name (passed to
-            ``timm.create_model``); prefix ``timm/`` forces timm, e.g. ``timm/cpubone_b0_bfrobust``.
-        pretrained: False; True for the variant's timm weights from the Hugging Face Hub; or a path to a
-            checkpoint in any recognised layout (ours, the authors' ``evalmodel.pt``, timm's).
+        name: a CPUBone variant (``list_models()``); a design config (a dict, a ``.json`` file or a
+            directory written by ``save_pretrained``, see ``cpubone.models.config``); or any timm model
+            name (passed to ``timm.create_model``); prefix ``timm/`` forces timm, e.g.
+            ``timm/cpubone_b0_bfrobust``.
+        pretrained: False; True for the variant's timm weights from the Hugging Face Hub (for a saved
+            design directory: its own weights); or a path to a checkpoint in any recognised layout (ours,
+            the authors' ``evalmodel.pt``, timm's).
         num_classes: classifier outputs; with pretrained weights of another class count the classifier
             is newly initialised.
         in_chans: input channels; pretrained stem weights are adapted (timm's ``adapt_input_conv``).
@@ -123,21 +138,31 @@ def create_model(
                             features_only, out_indices, **kwargs)
 
     variant = resolved.name
-    cfg = VARIANTS[variant]
+    if resolved.source == "config":
+        design = resolved.config
+        if pretrained is True:
+            if not (isinstance(name, (str, os.PathLike)) and os.path.isdir(name)):
+                raise CheckpointError(f"{variant}: a design config has no published weights; "
+                                      "pass pretrained=PATH to a checkpoint of it")
+            pretrained = name  # a saved design directory holds its own weights
+        model_args, hf_hub_id = config_model_args(design), ""
+        input_size = config_input_size(design) or (3, 224, 224)
+    else:
+        cfg = VARIANTS[variant]
+        model_args, hf_hub_id, input_size = cfg.model_args(), cfg.hf_hub_id, cfg.pretrained_input_size
     saved = read_pretrained_config(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
     ckpt_classes = (saved or {}).get("num_classes") or 1000
     want_classes = num_classes if num_classes is not None else (ckpt_classes if pretrained else 1000)
     want_chans = in_chans if in_chans is not None else 3
-    args = dict(cfg.model_args(), **kwargs)
+    args = dict(model_args, **kwargs)
     if drop_rate is not None:
         args["drop_rate"] = drop_rate
     if drop_path_rate is not None:
         args["drop_path_rate"] = drop_path_rate
     # build with the checkpoint's head and stem, then adapt: keeps loading strict
     model = CPUBone(num_classes=ckpt_classes if pretrained else want_classes, in_chans=3 if pretrained else want_chans, **args)
-    model.pretrained_cfg = default_cfg(architecture=variant, hf_hub_id=cfg.hf_hub_id,
-                                       input_size=cfg.pretrained_input_size,
-                                       pool_size=tuple(s // 32 for s in cfg.pretrained_input_size[1:]))
+    model.pretrained_cfg = default_cfg(architecture=variant, hf_hub_id=hf_hub_id, input_size=tuple(input_size),
+                                       pool_size=tuple(s // 32 for s in input_size[1:]))
     if pretrained:
         if pretrained is True:
             source: Union[str, os.PathLike] = pretrained_weights_file(variant)

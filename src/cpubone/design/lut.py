@@ -1,0 +1,364 @@
+"""``cpubone design lut``: a latency lookup table of the design space, measured on this CPU.
+
+Every unit (``cpubone.design.units``) the search space and the released variants can use at the chosen
+input size is built from the real layers in its inference form, exported to ONNX and timed alone at
+batch 1 with the project's timing harness (ONNX Runtime with pinned threads, or eager PyTorch). An entry
+is the unit's median time minus the runtime's per-call overhead, measured the same way on a one-op
+graph. What a whole network costs beyond the sum of its parts is measured once per input size on two
+reference networks (``REFERENCES``: CPUBone-Nano with one block per attention stage, and a B0 with more
+blocks), timed in interleaved rounds with their own units: their latencies against the sums of their
+entries give a fixed overhead (the call, the input copy) and a scale (weights and activations that a
+unit timed alone finds hot in cache and a whole network does not), so that
+
+    predicted latency = fixed overhead + scale x sum of entries.
+
+Clock: wall time (``perf_counter``) by default; ``clock="cpu"`` (one thread only) times the CPU time a
+call uses, which other processes do not inflate: on a machine shared beyond its cores, a whole network is
+preempted many times per call while a unit of 0.1 ms rarely is, so wall-clock tables and measurements
+there disagree by the load, not by the method.
+
+The table is a portable JSON file naming the machine, engine, threads and library versions, so it can be
+measured on the target device (a Raspberry Pi with the project installed) and searched anywhere. It is
+written after every few entries, and a later call with the same file measures only what is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .units import Unit, make_unit
+
+__all__ = ["LUT_FORMAT", "ENGINES", "CLOCKS", "REFERENCES", "LatencyTable", "LutError", "build_lut", "load_lut",
+           "unit_runner", "overhead_runner", "model_runner", "time_rounds", "calibrate", "fit_overhead", "unit_work"]
+
+LUT_FORMAT = "cpubone-lut/1"
+ENGINES = ("onnxruntime", "eager")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# the calibration networks: a small one (the fixed overhead is not lost in its noise) and a larger one
+# (the scale); neither is a released variant, so those stay independent checks of the predictor
+REFERENCES = ({"name": "reference_small", "base": "cpubone_nano", "depths": [0, 1, 1, 1, 1]},
+              {"name": "reference_large", "base": "cpubone_b0", "depths": [0, 1, 2, 4, 4]})
+SCALE_RANGE = (0.8, 1.5)  # outside it the two references disagree too much (noise): scale 1 is used
+
+
+class LutError(ValueError):
+    """A latency table that cannot be read, or does not fit the request (the message names the file)."""
+
+
+@dataclass
+class LatencyTable:
+    """Measured unit latencies (ms, per-call overhead removed) of one machine, engine and thread count."""
+
+    engine: str
+    threads: int
+    machine: Dict[str, Any]
+    overhead_ms: float = 0.0  # one runtime call on a negligible graph
+    entries: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    runs: int = 0
+    path: Optional[str] = None
+    clock: str = "wall"
+    fixed_ms: Dict[str, float] = field(default_factory=dict)  # per "HxW": a network's cost beyond its units
+    scale: Dict[str, float] = field(default_factory=dict)  # per "HxW": whole network / sum of its units
+
+    def ms(self, key: str) -> float:
+        return self.entries[key]["ms"]
+
+    def fixed_overhead(self, size: Sequence[int]) -> float:
+        """The measured fixed overhead at ``size`` (H, W); the per-call overhead where none was measured."""
+        return self.fixed_ms.get(f"{int(size[0])}x{int(size[1])}", self.overhead_ms)
+
+    def scale_at(self, size: Sequence[int]) -> float:
+        """The measured scale of the sum of entries at ``size`` (1 where none was measured)."""
+        return self.scale.get(f"{int(size[0])}x{int(size[1])}", 1.0)
+
+    def predict_ms(self, entries_sum: float, size: Sequence[int]) -> float:
+        return self.fixed_overhead(size) + self.scale_at(size) * entries_sum
+
+    def missing(self, keys: Iterable[str]) -> List[str]:
+        return sorted({k for k in keys if k not in self.entries})
+
+    def describe(self) -> str:
+        m = self.machine
+        return (f"{m.get('cpu', '?')} ({m.get('arch', '?')}), {self.engine}, {self.threads} thread(s), "
+                f"{self.clock} clock, {len(self.entries)} entries")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(format=LUT_FORMAT, engine=self.engine, threads=self.threads, clock=self.clock,
+                    machine=self.machine, overhead_ms=self.overhead_ms, fixed_ms=self.fixed_ms, scale=self.scale,
+                    runs=self.runs,
+                    entries=dict(sorted(self.entries.items())))
+
+    def save(self, path: os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # a kill leaves the old table or the new one, never half of one
+        self.path = str(path)
+        return path
+
+
+def load_lut(path: os.PathLike) -> LatencyTable:
+    """Read a table written by ``build_lut``; raises ``LutError`` naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise LutError(f"{path}: no such latency table")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LutError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != LUT_FORMAT:
+        raise LutError(f"{path}: not a cpubone latency table (expected format {LUT_FORMAT!r})")
+    for key in ("engine", "threads", "machine", "entries"):
+        if key not in raw:
+            raise LutError(f"{path}: missing key {key!r}")
+    entries = raw["entries"]
+    for k, v in entries.items():
+        if not isinstance(v, dict) or any(not isinstance(v.get(f), (int, float)) for f in ("ms", "macs", "params")):
+            raise LutError(f"{path}: entry {k!r} needs numbers 'ms', 'macs' and 'params'")
+        try:
+            Unit.from_key(k)
+        except ValueError:
+            raise LutError(f"{path}: entry {k!r} is not a unit key") from None
+    if raw.get("clock", "wall") not in CLOCKS:
+        raise LutError(f"{path}: clock {raw.get('clock')!r} is not one of {', '.join(CLOCKS)}")
+    return LatencyTable(engine=raw["engine"], threads=int(raw["threads"]), machine=raw["machine"],
+                        overhead_ms=float(raw.get("overhead_ms", 0.0)), entries=entries, runs=int(raw.get("runs", 0)),
+                        path=str(path), clock=raw.get("clock", "wall"),
+                        fixed_ms={str(k): float(v) for k, v in (raw.get("fixed_ms") or {}).items()},
+                        scale={str(k): float(v) for k, v in (raw.get("scale") or {}).items()})
+
+
+def _export(module: nn.Module, shape: Sequence[int], tmp: str, name: str) -> Path:
+    from ..deploy.onnx import export_onnx
+
+    return export_onnx(module, Path(tmp) / f"{name}.onnx", input_size=tuple(shape[2:]))
+
+
+def unit_runner(unit: Unit, engine: str, threads: int, tmp: str) -> Callable[[], object]:
+    """A zero-argument batch-1 call of ``unit`` in ``engine`` (eager: call it under ``torch_threads`` and
+    ``torch.inference_mode``)."""
+    from ..analysis.latency import eager_runner, onnx_runner
+
+    module = make_unit(unit)
+    if engine == "onnxruntime":
+        return onnx_runner(_export(module, unit.input_shape, tmp, "unit"), unit.input_shape, threads)
+    return eager_runner(module, unit.input_shape)
+
+
+class _OneOp(nn.Module):
+    """A one-op graph: what a runtime call costs when the work is negligible."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+
+def overhead_runner(engine: str, threads: int, tmp: str) -> Callable[[], object]:
+    from ..analysis.latency import eager_runner, onnx_runner
+
+    module, shape = _OneOp(), (1, 8, 1, 1)
+    module.in_chans = 8
+    if engine == "onnxruntime":
+        return onnx_runner(_export(module, shape, tmp, "overhead"), shape, threads)
+    return eager_runner(module, shape)
+
+
+def unit_work(unit: Unit) -> Tuple[int, int]:
+    """MACs and params of a unit, counted on its training form (the work of the released model; the
+    inference form may densify thin grouped convs, which runs faster but counts more)."""
+    from ..analysis.macs import count_macs, count_params
+
+    module = make_unit(unit, inference_form=False)
+    return count_macs(module, unit.input_shape).total, count_params(module)
+
+
+def model_runner(config: Dict[str, Any], size: Sequence[int], engine: str, threads: int, tmp: str,
+                 tag: str = "model") -> Callable[[], object]:
+    """A zero-argument batch-1 call of the whole design ``config`` in the form ``cpubone export`` deploys."""
+    from ..analysis.latency import eager_runner, onnx_runner
+    from ..deploy.reparam import reparameterize
+    from ..models import create_model
+
+    torch.manual_seed(0)
+    model = reparameterize(create_model(dict(config)).eval(), inplace=True)
+    shape = (1, 3, int(size[0]), int(size[1]))
+    if engine == "onnxruntime":
+        from ..deploy.onnx import export_onnx
+
+        return onnx_runner(export_onnx(model, Path(tmp) / f"{tag}.onnx", input_size=shape[2:]), shape, threads)
+    return eager_runner(model, shape)
+
+
+def time_rounds(runners: Dict[str, Callable[[], object]], engine: str, threads: int, rounds: int, runs: int,
+                warmup: int, clock: str = "wall") -> Dict[str, List[float]]:
+    """Per-call times (ms) of every runner, timed in ``rounds`` interleaved rounds of ``runs`` calls each,
+    so that a change of load on the machine hits all runners alike."""
+    from ..analysis.latency import time_callable, torch_threads
+
+    times: Dict[str, List[float]] = {k: [] for k in runners}
+    for r in range(rounds):
+        for key, fn in runners.items():
+            args = (fn, runs, warmup if r == 0 else 1, threads, engine)
+            if engine == "eager":
+                with torch_threads(threads), torch.inference_mode():
+                    time_callable(*args, times=times[key], clock=CLOCKS[clock])
+            else:
+                time_callable(*args, times=times[key], clock=CLOCKS[clock])
+    return times
+
+
+def _median(fn: Callable[[], object], engine: str, threads: int, runs: int, warmup: int, clock: str) -> float:
+    return statistics.median(time_rounds({"x": fn}, engine, threads, 1, runs, warmup, clock)["x"])
+
+
+def fit_overhead(measured: Sequence[float], sums: Sequence[float], call_ms: float) -> Tuple[float, float]:
+    """(fixed overhead, scale) with measured = fixed + scale x sum through the small and the large reference.
+
+    Falls back to scale 1 and fixed = small reference - its sum when the references disagree beyond
+    ``SCALE_RANGE``; the fixed overhead is at least one call.
+    """
+    (m_s, m_l), (s_s, s_l) = measured, sums
+    scale = (m_l - m_s) / (s_l - s_s) if s_l > s_s else 1.0
+    if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+        scale = 1.0
+    fixed = m_s - scale * s_s
+    if fixed < call_ms:  # a small network cannot cost less than its call: keep the call, refit the scale
+        fixed = call_ms
+        scale = min(max((m_l - fixed) / s_l, SCALE_RANGE[0]), SCALE_RANGE[1]) if s_l > 0 else 1.0
+    return fixed, scale
+
+
+def calibrate(table: LatencyTable, size: Sequence[int], tmp: str, runs: int = 10, rounds: int = 5) -> Tuple[float, float]:
+    """Measure the fixed overhead and the scale at ``size`` on ``REFERENCES`` (module doc) into ``table``."""
+    from ..models import load_config
+    from .units import model_units
+
+    refs = [load_config(r) for r in REFERENCES]
+    ref_units = [[u for _, u in model_units(cfg, size)] for cfg in refs]
+    runners = {"call": overhead_runner(table.engine, table.threads, tmp)}
+    for cfg in refs:
+        runners["model:" + cfg["name"]] = model_runner(cfg, size, table.engine, table.threads, tmp, cfg["name"])
+    for u in dict.fromkeys(u for units in ref_units for u in units):
+        runners[u.key] = unit_runner(u, table.engine, table.threads, tmp)
+    med = {k: statistics.median(v) for k, v in
+           time_rounds(runners, table.engine, table.threads, rounds, runs, 3, table.clock).items()}
+    sums = [sum(max(med[u.key] - med["call"], 0.0) for u in units) for units in ref_units]  # as entries are kept
+    fixed, scale = fit_overhead([med["model:" + cfg["name"]] for cfg in refs], sums, med["call"])
+    key = f"{int(size[0])}x{int(size[1])}"
+    table.fixed_ms[key], table.scale[key] = round(fixed, 5), round(scale, 5)
+    return fixed, scale
+
+
+def build_lut(
+    units: Iterable[Unit],
+    output: os.PathLike,
+    engine: str = "onnxruntime",
+    threads: int = 1,
+    runs: int = 20,
+    warmup: int = 5,
+    progress: bool = True,
+    save_every_s: float = 10.0,
+    clock: str = "wall",
+    sizes: Sequence[Sequence[int]] = (),
+) -> LatencyTable:
+    """Measure every unit not yet in the table at ``output`` and write the table there.
+
+    Args:
+        units: the units to cover (``space_units`` of a search space, ``model_units`` of a design).
+        output: the JSON table; an existing one measured with the same engine, threads and CPU is extended
+            (entries already there are reused, not measured again).
+        engine: 'onnxruntime' or 'eager'.
+        threads: intra-op threads.
+        runs / warmup: timed and untimed calls per unit (the median is kept).
+        progress: a progress bar on the terminal.
+        save_every_s: write the table at least this often while measuring (a kill loses less).
+        clock: 'wall' (latency) or 'cpu' (CPU time per call, one thread only; see the module doc).
+        sizes: input sizes (H, W) whose fixed overhead and scale to measure (``calibrate``) if the table
+            lacks them.
+    """
+    from ..analysis.latency import check_timing_args
+    from ..analysis.machine import machine_info
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+    check_timing_args(threads, runs, warmup)
+    if clock not in CLOCKS:
+        raise ValueError(f"clock={clock!r}: expected one of {', '.join(CLOCKS)}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError(f"clock='cpu' with threads={threads}: CPU time is the latency of one thread only")
+    from ..outputs import check_output_file
+
+    output = check_output_file(output)  # before minutes of measuring: a folder, read-only or full disk fail now
+    here = machine_info().to_dict()
+    if output.is_file():
+        table = load_lut(output)
+        if table.engine != engine or table.threads != threads or table.clock != clock:
+            raise LutError(f"{output}: measured with {table.engine} at {table.threads} thread(s) ({table.clock} clock), "
+                           f"not {engine} at {threads} ({clock} clock); write to another file")
+        if table.machine.get("cpu") != here["cpu"] or table.machine.get("arch") != here["arch"]:
+            raise LutError(f"{output}: measured on {table.machine.get('cpu')!r}, this is {here['cpu']!r}; "
+                           "write to another file")
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        table = LatencyTable(engine=engine, threads=threads, machine=here, runs=runs, clock=clock)
+    todo = [u for u in dict.fromkeys(units) if u.key not in table.entries]
+    calib = [tuple(int(v) for v in sz) for sz in sizes
+             if f"{int(sz[0])}x{int(sz[1])}" not in table.fixed_ms or f"{int(sz[0])}x{int(sz[1])}" not in table.scale]
+    with tempfile.TemporaryDirectory() as tmp, _Progress(progress, len(todo) + len(calib)) as step:
+        # the per-call overhead, measured beside the entries in this session
+        overhead = _median(overhead_runner(engine, threads, tmp), engine, threads, max(runs, 50), warmup, clock)
+        table.overhead_ms = overhead if not table.entries else statistics.median([table.overhead_ms, overhead])
+        last = time.monotonic()
+        for sz in calib:
+            step(f"overhead and scale at {sz[0]}x{sz[1]}")
+            calibrate(table, sz, tmp, runs=max(runs // 2, 3))
+        for unit in todo:
+            step(unit.key)
+            fn = unit_runner(unit, engine, threads, tmp)
+            ms = _median(fn, engine, threads, runs, warmup, clock)
+            macs, params = unit_work(unit)
+            table.entries[unit.key] = dict(ms=round(max(ms - overhead, 0.0), 5), macs=macs, params=params)
+            if time.monotonic() - last > save_every_s:
+                table.save(output)
+                last = time.monotonic()
+        step(None)
+    table.save(output)
+    return table
+
+
+class _Progress:
+    """A rich progress bar over units (nothing when disabled or when there is nothing to do)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total, self.bar, self.started = enabled and total > 0, total, None, False
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn())
+            self.bar.__enter__()
+            self.task = self.bar.add_task("", total=self.total)
+        return self.step
+
+    def step(self, label: Optional[str]) -> None:
+        if self.bar is None:
+            return
+        if self.started:
+            self.bar.advance(self.task)
+        self.started = True
+        self.bar.update(self.task, description=(label or "done")[:44])
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
