@@ -61,7 +61,7 @@ class ExecuTorchEngine(Engine):
             edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
             summary = lowering_summary(edge.exported_program())
             program = edge.to_executorch()
-        path = workdir / "model.pte"
+        path = workdir / ("model.int8.pte" if precision == "int8" else "model.pte")
         path.write_bytes(program.buffer)
         runner = self._load(path, threads)
         runner.precision, runner.input_shape = precision, input_shape
