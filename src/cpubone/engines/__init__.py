@@ -20,11 +20,11 @@ from typing import Dict, List, Tuple, Type, Union
 from .base import PRECISIONS, Engine, EngineError, MissingExtraError, Runner
 
 __all__ = ["ENGINES", "PRECISIONS", "Engine", "Runner", "EngineError", "MissingExtraError", "get_engine",
-           "engine_names", "available_engines", "engine_for_file", "load_artifact", "inference_form",
+           "engine_names", "register_engine", "available_engines", "engine_for_file", "load_artifact", "inference_form",
            "parse_engines", "parse_precisions"]
 
 # name -> (module, class); order = the order reports list them in (ONNX Runtime first: the reference)
-ENGINES: Dict[str, Tuple[str, str]] = {
+ENGINES: Dict[str, Union[Tuple[str, str], Type[Engine]]] = {
     "onnxruntime": (".onnxruntime", "OnnxRuntimeEngine"),
     "openvino": (".openvino", "OpenVINOEngine"),
     "executorch": (".executorch", "ExecuTorchEngine"),
@@ -42,8 +42,19 @@ def engine_names() -> List[str]:
 def engine_class(name: str) -> Type[Engine]:
     if name not in ENGINES:
         raise EngineError(f"unknown engine {name!r}: expected one of {', '.join(ENGINES)}")
-    module, cls = ENGINES[name]
+    entry = ENGINES[name]
+    if isinstance(entry, type):
+        return entry
+    module, cls = entry
     return getattr(importlib.import_module(module, __name__), cls)
+
+
+def register_engine(cls: Type[Engine]) -> Type[Engine]:
+    """Add an engine class (e.g. a runtime of your own) under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Engine) and cls.name):
+        raise EngineError(f"{cls!r}: an engine is an Engine subclass with a name")
+    ENGINES[cls.name] = cls
+    return cls
 
 
 def get_engine(name: str, for_load: bool = False) -> Engine:

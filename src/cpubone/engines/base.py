@@ -92,6 +92,7 @@ class Engine:
         name: what ``--engine`` calls it.
         title: its name in reports.
         extra: the pip extra that installs it (``pip install 'cpubone[extra]'``).
+        load_extra: the extra that is enough to run its files (default: ``extra``).
         modules: import names it needs to prepare a model (from the inference form).
         load_modules: import names it needs to run an exported file (its torch-free subset).
         precisions: what it runs, a subset of ``PRECISIONS``.
@@ -102,6 +103,7 @@ class Engine:
     name = ""
     title = ""
     extra = ""
+    load_extra = ""
     modules: Tuple[str, ...] = ()
     load_modules: Tuple[str, ...] = ()
     precisions: Tuple[str, ...] = ("fp32",)
@@ -126,8 +128,9 @@ class Engine:
         """Raise ``MissingExtraError`` (one line naming the extra) when the runtime is not installed."""
         missing = cls.missing(for_load)
         if missing:
+            extra = (cls.load_extra or cls.extra) if for_load else cls.extra
             raise MissingExtraError(f"engine {cls.name!r} needs {', '.join(missing)}: "
-                                    f"pip install 'cpubone[{cls.extra}]'")
+                                    f"pip install 'cpubone[{extra}]'")
 
     @classmethod
     def check_precision(cls, precision: str) -> None:

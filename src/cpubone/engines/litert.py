@@ -21,6 +21,7 @@ class LiteRTEngine(Engine):
     name = "litert"
     title = "LiteRT (XNNPACK)"
     extra = "mobile"
+    load_extra = "litert"
     modules = ("ai_edge_litert", "litert_torch")
     load_modules = ("ai_edge_litert",)
     precisions = ("fp32",)
