@@ -1,5 +1,6 @@
 """``cpubone deploy``: the fastest verified engine x precision is chosen and written with its metadata."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -101,3 +102,31 @@ def test_labelled_images(digits_folder, tmp_path):
     assert len(files) == 20 and labels == [int(f.parent.name) for f in files] and len(set(labels)) == 10
     files, labels = labelled_images(digits_folder / "val" / "3")
     assert labels is None
+
+
+def test_deploy_real_engines_then_predict_without_torch(trained_nano, digits_folder, tmp_path):
+    """The digits model through the installed runtimes: int8 candidates are judged on the labelled val
+    folder, the chosen file runs in ``cpubone predict`` without torch and gives the training form's class."""
+    from cpubone.engines import available_engines
+
+    model, vx, vy = trained_nano
+    engines = [e for e in ("onnxruntime", "openvino", "ncnn") if e in available_engines()]
+    out = tmp_path / "deployed"
+    res = deploy_model(model, out, calib_dir=digits_folder / "train", val_dir=digits_folder / "val",
+                       engines=engines, precisions=["fp32", "int8"], calib_count=32, val_count=120, runs=4,
+                       warmup=1, rounds=2, log=lambda s: None)
+    by = {c.label: c for c in res.candidates}
+    assert by["onnxruntime fp32"].status == "kept" and by["onnxruntime fp32"].max_abs_diff < 1e-3
+    assert by["onnxruntime int8"].status in ("kept", "rejected") and by["onnxruntime int8"].agreement.n == 120
+    assert res.chosen.status == "kept" and Path(res.artifact).is_file()
+    image = sorted((digits_folder / "val" / "7").iterdir())[0]
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from cpubone.deploy.predictor import main\n"
+            f"sys.exit(main([{str(image)!r}, '--model', {res.artifact!r}, '--topk', '1']))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from cpubone.deploy.preprocess import preprocess
+    from conftest import digits_config
+
+    expected = int(torch_reference(model)(preprocess(image, digits_config())[None]).argmax())
+    assert run.stdout.splitlines()[1].split()[-1] == str(expected)  # the class name ('0'..'9')

@@ -88,25 +88,34 @@ def test_verification_refuses_a_wrong_engine(nano, inputs, fp32_runners):
         verify_fp32(runner, other, inputs)
 
 
-def test_torch_free_loading(fp32_runners, tmp_path):
-    """The runtimes that run without torch load their files in a process where importing torch fails."""
+def test_torch_free_predict_on_every_artifact_kind(fp32_runners, tmp_path):
+    """``cpubone predict`` runs the files of the runtimes that need no torch in a process where torch fails to
+    import; the metadata sits beside each file as FILE.json (what ``cpubone deploy`` writes)."""
+    import json
+
+    from skimage import data
+    from PIL import Image
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    meta = dict(PreprocessConfig(input_size=(3, SIZE, SIZE)).to_metadata(), **{"cpubone.labels": "null"})
     files = {}
-    for name in available_engines(for_load=True):
+    for name in ENGINES:
         cls = engine_class(name)
-        if cls.torch_free and name != "litert" and cls.available():
-            files[name] = str(fp32_runners(name).artifact)
+        if cls.torch_free and cls.available():
+            path = fp32_runners(name).artifact
+            (path.parent / (path.name + ".json")).write_text(json.dumps(meta))
+            files[name] = str(path)
     code = (
-        "import sys, numpy as np; sys.modules['torch'] = None\n"
-        "from cpubone.engines import load_artifact\n"
+        "import sys; sys.modules['torch'] = None\n"
+        "from cpubone.deploy.predictor import main\n"
         f"for name, path in {files!r}.items():\n"
-        "    r = load_artifact(path)\n"
-        "    print(name, r(np.zeros((1, 3, 64, 64), np.float32)).shape)\n"
+        f"    assert main([{str(tmp_path / 'astronaut.png')!r}, '--model', path, '--topk', '1', '--json']) == 0\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    for name in files:
-        assert f"{name} (1, 1000)" in out.stdout
+    top = [line for line in out.stdout.splitlines() if '"index"' in line]
+    assert len(top) == len(files) >= 1 and len(set(top)) == 1  # every runtime gives the same class
 
 
 @pytest.mark.parametrize("name", list(ENGINES))

@@ -81,5 +81,5 @@ def _print_report(report, as_json: bool) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from ..deploy.predictor import format_predictions, predict_files
 
-    print(format_predictions(predict_files(args.images, args.onnx, args.topk, args.threads), args.json))
+    print(format_predictions(predict_files(args.images, args.model, args.topk, args.threads), args.json))
     return 0

@@ -1,10 +1,10 @@
-"""Torch-free image classification with an exported ONNX file: onnxruntime, numpy and Pillow only.
+"""Torch-free image classification with an exported model: its runtime, numpy and Pillow only.
 
 The file carries everything needed (written by ``cpubone export``): the eval preprocessing (input size,
 mean, std, crop_pct, interpolation, crop mode) and the class names. This module must never import
 torch (a test checks ``sys.modules``), so it is usable in slim deployment images.
 
-    python -m cpubone.deploy.predictor IMAGE... --onnx FILE [--topk 5] [--json]
+    python -m cpubone.deploy.predictor IMAGE... --model FILE [--topk 5] [--json]
 """
 from __future__ import annotations
 
@@ -38,38 +38,34 @@ class Prediction:
 
 
 class Predictor:
-    """An ONNX Runtime classifier that preprocesses images as the model's metadata says.
+    """A classifier from any file ``cpubone export`` / ``cpubone deploy`` writes, preprocessing images as its
+    metadata says.
+
+    The runtime is chosen by the file's ending (``.onnx``: ONNX Runtime, ``.xml``: OpenVINO, ``.tflite``:
+    LiteRT, ``.ncnn.param``: ncnn, ``.pte``: ExecuTorch, ``.pt2``: AOTInductor); the first four run
+    without torch. The metadata is in an ONNX file's ``metadata_props`` or in ``FILE.json`` beside it.
 
     Args:
-        onnx_path: a file written by ``cpubone export`` (fp32 or int8).
-        threads: ONNX Runtime intra-op threads.
+        model_path: the model file (fp32 or int8).
+        threads: the runtime's intra-op threads.
     """
 
-    def __init__(self, onnx_path: Union[str, os.PathLike], threads: int = 1) -> None:
-        import onnxruntime as ort
+    def __init__(self, model_path: Union[str, os.PathLike], threads: int = 1) -> None:
+        from ..engines import load_artifact
 
-        path = Path(onnx_path)
+        path = Path(model_path)
         if not path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for malformed files
-            raise ValueError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {e})") from e
-        meta = self.session.get_modelmeta().custom_metadata_map
+            raise FileNotFoundError(f"{'ONNX model' if path.suffix == '.onnx' else 'model file'} not found: {path}")
+        meta = _read_metadata(path)
+        self.runner = load_artifact(path, threads)
         try:
             self.config = PreprocessConfig.from_metadata(meta)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         labels = json.loads(meta.get("cpubone.labels", "null"))
         self.labels: Optional[List[str]] = labels
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        channels = inp.shape[1]
-        if isinstance(channels, int) and channels != self.config.input_size[0]:
+        channels = self.runner.input_shape[1]
+        if channels != -1 and channels != self.config.input_size[0]:
             raise ValueError(f"{path}: metadata says {self.config.input_size[0]} input channels, graph has {channels}")
         self.path = path
 
@@ -79,8 +75,7 @@ class Predictor:
 
     def logits(self, images: Sequence[ImageLike]) -> np.ndarray:
         """(N, classes) raw outputs; images run one by one (batch 1, as the model was exported)."""
-        outs = [self.session.run(None, {self.input_name: self.preprocess(im, _name(im, i))[None]})[0]
-                for i, im in enumerate(images)]
+        outs = [self.runner(self.preprocess(im, _name(im, i))[None]) for i, im in enumerate(images)]
         return np.concatenate(outs, 0)
 
     def predict(self, images: Sequence[ImageLike], topk: int = 5) -> List[Prediction]:
@@ -97,6 +92,29 @@ class Predictor:
             labels = [self.labels[j] if self.labels else f"class {j}" for j in idx]
             results.append(Prediction(_name(images[i], i), [int(j) for j in idx], labels, [float(p[j]) for j in idx]))
         return results
+
+
+def _read_metadata(path: Path) -> Dict[str, str]:
+    """The preprocessing / class-name metadata of a model file: ``FILE.json`` beside it, else (ONNX) its
+    ``metadata_props``."""
+    side = Path(str(path) + ".json")
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{side}: not JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{side}: expected a JSON object of metadata")
+        return {str(k): str(v) for k, v in meta.items()}
+    if path.suffix == ".onnx":
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # onnx raises DecodeError and others for files that are not ONNX
+            raise ValueError(f"{path}: not a loadable ONNX model ({type(e).__name__})") from e
+        return {p.key: p.value for p in proto.metadata_props}
+    raise ValueError(f"{path}: no metadata (expected {side.name} beside it, as `cpubone deploy` writes)")
 
 
 def _name(image: ImageLike, i: int) -> str:
@@ -124,7 +142,9 @@ def format_predictions(preds: Sequence[Prediction], as_json: bool = False) -> st
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--onnx", required=True, metavar="FILE", help="model written by `cpubone export`")
+    p.add_argument("--model", "--onnx", dest="model", required=True, metavar="FILE",
+                   help="model written by `cpubone export` or `cpubone deploy` (.onnx, .xml, .tflite, .ncnn.param, "
+                        ".pte, .pt2)")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -136,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        preds = predict_files(args.images, args.onnx, args.topk, args.threads)
+        preds = predict_files(args.images, args.model, args.topk, args.threads)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
