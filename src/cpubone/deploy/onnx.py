@@ -203,7 +203,7 @@ def verify_onnx(
     eval preprocessing (``cfg``). The allowed difference is ``tolerance * max(1, max |logit|)``. Raises
     ``ExportVerificationError`` naming the worst input when it is exceeded.
     """
-    from ..analysis.latency import ort_session
+    from ..engines.onnxruntime import ort_session
 
     sess = ort_session(path, threads=1)
     model.eval()
@@ -314,7 +314,7 @@ def export_model(
 def compare_onnx(reference: Union[str, os.PathLike], candidate: Union[str, os.PathLike], cfg: PreprocessConfig,
                  photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None) -> List[VerifyResult]:
     """Two ONNX files on the same real photos: max abs difference and top-1 agreement (no tolerance)."""
-    from ..analysis.latency import ort_session
+    from ..engines.onnxruntime import ort_session
 
     ref_sess, cand_sess = ort_session(reference), ort_session(candidate)
     results = []

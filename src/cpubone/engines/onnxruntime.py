@@ -14,7 +14,14 @@ import numpy as np
 
 from .base import Engine, EngineError, Runner, calibration_batches, check_threads
 
-__all__ = ["OnnxRuntimeEngine", "ort_session"]
+__all__ = ["OnnxRuntimeEngine", "ort_session", "export_onnx"]
+
+
+def export_onnx(model, path, input_size=(224, 224), **kwargs) -> Path:
+    """The project's ONNX exporter (``cpubone.deploy.onnx.export_onnx``; imported on use, it needs torch)."""
+    from ..deploy.onnx import export_onnx as export
+
+    return export(model, path, input_size, **kwargs)
 
 
 def ort_session(path: Union[str, os.PathLike], threads: int = 1, enable_profiling: bool = False,
@@ -51,8 +58,6 @@ class OnnxRuntimeEngine(Engine):
 
     def _prepare(self, model, input_shape: Tuple[int, ...], precision: str, threads: int,
                  calib: Optional[Sequence[np.ndarray]], workdir: Path) -> Runner:
-        from ..deploy.onnx import export_onnx
-
         path = export_onnx(model, workdir / "model.onnx", input_size=input_shape[2:])
         if precision == "int8":
             from ..deploy.preprocess import PreprocessConfig
