@@ -16,7 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="batch-1 latency, MACs and MACpS of CPUBone vs peers on this CPU")
     p.add_argument("models", nargs="*", help="CPUBone variants / timm models (default: CPUBone nano, t0, b0, b1 "
                                              "and seven timm peers)")
-    _engine_args(p, runs=50, warmup=10)
+    p.add_argument("--engine", default="onnxruntime",
+                   help="comma-separated runtimes: onnxruntime (default), openvino, executorch, litert, ncnn, eager, "
+                        "compile, or 'all' installed; every model runs in each (see `cpubone engines`)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated precisions: fp32 (default), bf16, int8; each engine runs those it can")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads, pinned (default 1)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per measurement (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
     p.add_argument("--size", type=int, default=224, help="input side S, S x S (default 224)")
     p.add_argument("--channels-last", action="store_true", help="eager engine: channels_last memory format")
     p.add_argument("--rounds", type=int, default=5,
@@ -48,14 +55,19 @@ def _bench(args: argparse.Namespace) -> int:
 
     res = run_bench(args.models, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
                     warmup=args.warmup, channels_last=args.channels_last, rounds=args.rounds, out_dir=args.out,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, precision=args.precision)
     print(res.machine.header(res.threads))
     print(f"fp32 GEMM peak: {res.peak.gmacps:.1f} GMAC/s ({res.peak.method})")
-    print_table([dict(model=r.model, params=r.params, MACs=r.macs, median_ms=r.median_ms, p10_ms=r.p10_ms,
+    many = len({(r.engine, r.precision) for r in res.rows}) > 1
+    print_table([dict(model=r.model, **(dict(engine=r.engine, precision=r.precision, ratio=r.ratio) if many else {}),
+                      params=r.params, MACs=r.macs, median_ms=r.median_ms, p10_ms=r.p10_ms,
                       p90_ms=r.p90_ms, GMACps=r.gmacps, peak_pct=r.peak_pct, top1=r.top1,
                       reparam="yes" if r.deploy_form else "")
                  for r in res.rows],
-                title=f"batch 1, {res.size}x{res.size}, {res.engine}, {res.threads} thread(s)")
+                title=f"batch 1, {res.size}x{res.size}, {res.engine}, {','.join(res.precisions)}, "
+                      f"{res.threads} thread(s)" + ("; ratio = median / the model's first row" if many else ""))
+    for s in res.skipped:
+        print(f"not run: {s}")
     print("written: " + ", ".join(res.files.values()))
     return 0
 
