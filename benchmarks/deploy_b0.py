@@ -63,13 +63,15 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def ort_profile(path: Path, runs: int = 20) -> Dict[str, float]:
     """ms per run by ONNX Runtime op type (its own profiler)."""
-    sess = ort_session(path, threads=1, enable_profiling=True)
-    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
-    for _ in range(runs):
-        sess.run(None, {"input": x})
-    prof = sess.end_profiling()
-    events = json.loads(Path(prof).read_text())
-    os.remove(prof)
+    with tempfile.TemporaryDirectory() as tmp:  # the trace never lands in the current directory
+        sess = ort_session(path, threads=1, enable_profiling=True, profile_prefix=os.path.join(tmp, "trace"))
+        x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+        try:
+            for _ in range(runs):
+                sess.run(None, {"input": x})
+        finally:
+            prof = sess.end_profiling()
+        events = json.loads(Path(prof).read_text())
     agg: Dict[str, float] = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):

@@ -1,8 +1,9 @@
 """Proof that detection and segmentation learn: train on synthetic shapes (written in the real COCO / ADE20K
 formats) for a few CPU minutes, then report COCO AP and mIoU on held-out images next to the untrained model.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/downstream_synthetic.py --out /tmp/downstream_proof
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/downstream_synthetic.py --out runs/downstream_proof
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/downstream_synthetic.py --quick   # a short smoke run
+    ... --pictures docs/figures   # also draw a held-out image per task (the pictures in docs/downstream.md)
 
 The goal (issue 6): AP50 >= 0.5 and mIoU >= 0.5 on the held-out synthetic images. The backbone starts from
 random weights (no pretrained weights are used), so the runs use small schedules of their own instead of the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,13 +25,14 @@ from cpubone.downstream.bench import machine_name
 from cpubone.downstream.datasets import CocoDetection, SegmentationFolder, detection_transforms, write_synthetic_ade, write_synthetic_coco
 from cpubone.downstream.detection import create_retinanet
 from cpubone.downstream.engine import (DetectionTrainConfig, SegmentationTrainConfig, evaluate_detection,
-                                       evaluate_segmentation, train_detection, train_segmentation)
+                                       evaluate_segmentation, predict_detection, predict_segmentation,
+                                       train_detection, train_segmentation)
 from cpubone.downstream.segmentation import create_semantic_fpn
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("/tmp/cpubone_downstream_proof"))
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cpubone_downstream_proof")
     p.add_argument("--backbone", default="cpubone_nano")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--train-images", type=int, default=200)
@@ -39,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny schedule: checks the script runs, not the goal")
     p.add_argument("--tasks", nargs="+", default=["detect", "segment"], choices=["detect", "segment"])
+    p.add_argument("--pictures", type=Path, help="draw held-out image 000000 with each trained model into this "
+                                                 "folder (detect_predict.png, segment_predict.png)")
     a = p.parse_args(argv)
     if a.quick:
         a.train_images, a.val_images, a.det_epochs, a.seg_iters = 16, 8, 1, 5
@@ -61,6 +66,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         after = train_detection(cfg)
         minutes = (time.time() - t0) / 60
+        if a.pictures:
+            print(predict_detection(after["checkpoint"], root / "images" / "val" / "000000.png",
+                                    a.pictures / "detect_predict.png", score_thresh=0.5))
         rows.append({"task": "RetinaNet", "metric": "AP50", "untrained": before["AP50"], "trained": after["AP50"],
                      "AP": after["AP"], "AP75": after["AP75"], "train_min": minutes,
                      "goal_met": after["AP50"] >= 0.5})
@@ -81,6 +89,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         after = train_segmentation(cfg)
         minutes = (time.time() - t0) / 60
+        if a.pictures:
+            print(predict_segmentation(after["checkpoint"], root / "images" / "validation" / "000000.png",
+                                       a.pictures / "segment_predict.png"))
         rows.append({"task": "Semantic FPN", "metric": "mIoU", "untrained": before["mIoU"], "trained": after["mIoU"],
                      "AP": None, "AP75": None, "train_min": minutes, "goal_met": after["mIoU"] >= 0.5})
     print_table(rows, title=f"{a.backbone} on synthetic shapes ({a.train_images} train / {a.val_images} held-out "

@@ -37,8 +37,9 @@ from PIL import Image
 from cpubone import create_model
 from cpubone.analysis.latency import measure_onnx, ort_session
 from cpubone.deploy.onnx import export_model, read_metadata, sample_photos
-from cpubone.deploy.preprocess import PreprocessConfig, list_images, preprocess
+from cpubone.deploy.preprocess import PreprocessConfig, preprocess
 from cpubone.deploy.quantize import quantize_onnx
+from cpubone.images import decode_image, list_images
 
 EXCLUDE_SETS = ("", "attention", "first,last", "attention,first,last")
 
@@ -63,7 +64,7 @@ def photo_calib_dir(root: Path, n: int = 32) -> Path:
     out = root / "photos"
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    photos = [Image.fromarray(img).convert("RGB") for _, img in sample_photos()]
+    photos = [decode_image(img) for _, img in sample_photos()]
     for i in range(n):
         img = photos[i % len(photos)]
         w, h = img.size

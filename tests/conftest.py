@@ -4,19 +4,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from official import OFFICIAL_DIR
+
 # One thread per test process: the suite runs on small shared CPUs, and results must not depend on it.
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-OFFICIAL = SHARED / "reference" / "official"
 
 
 @pytest.fixture(scope="session")
 def official_dir() -> Path:
-    if not OFFICIAL.is_dir():
-        pytest.fail(f"reference data missing: {OFFICIAL} (the shared/ folder beside the repo)")
-    return OFFICIAL
+    """tests/data/official: the authors' checkpoint layouts and the original code's logits (see official.py)."""
+    return OFFICIAL_DIR
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -60,6 +60,11 @@ def test_published_top1_sources():
     top1, src = bench.published_top1("repvit_m1_1")
     assert top1 == 79.4 and "RepViT" in src
     assert bench.published_top1("resnet18") == (None, "")
+    # names mean what create_model builds (one resolver): timm's port is a peer, not the authors' release
+    assert bench.published_top1("cpubone_b0.r224_in1k")[0] == 77.6
+    assert bench.published_top1("timm/cpubone_nano") == (None, "")
+    with pytest.raises(ValueError, match="unknown model 'timm/cpubone_b0': timm has no model 'cpubone_b0'"):
+        bench.check_args(["cpubone_nano", "timm/cpubone_b0"])
     # every default model has a published figure to plot
     assert all(bench.published_top1(m)[0] is not None for m in bench.DEFAULT_MODELS)
 
@@ -156,3 +161,95 @@ def test_cli_bench_bad_input(args, needle, capsys, tmp_path):
     assert main(args + ["--out", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cpubone bench: error:") and needle in err
+
+
+def test_bench_goes_on_when_a_model_does_not_export(tmp_path, capfd):
+    """eva02's attention cannot be exported by the TorchScript exporter: one line, and the rest is measured."""
+    out = tmp_path / "out"
+    code = main(["bench", "eva02_tiny_patch14_224", "test_efficientnet", "--runs", "2", "--warmup", "1",
+                 "--rounds", "1", "--out", str(out), "--no-progress"])
+    captured = capfd.readouterr()
+    assert code == 1
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(errors) == 1, captured.err[:2000]  # no graph dump from the exporter
+    assert errors[0].startswith("cpubone bench: not measured: eva02_tiny_patch14_224: ONNX export failed (")
+    assert "graph(" not in captured.out and "FAILED" in captured.out
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["model"] for r in data["rows"]] == ["test_efficientnet"] and data["rows"][0]["median_ms"] > 0
+    assert [f["model"] for f in data["failed"]] == ["eva02_tiny_patch14_224"]
+    assert "ONNX export failed" in data["failed"][0]["error"]
+    with open(out / "bench.csv", newline="") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert rows["eva02_tiny_patch14_224"]["error"] and not rows["eva02_tiny_patch14_224"]["median_ms"]
+    md = (out / "bench.md").read_text()
+    assert "Not measured (failed)" in md and "eva02_tiny_patch14_224" in md
+    # a model without a published top-1 is not silently missing from the plot
+    assert "not in bench.png (no published top-1): test_efficientnet" in captured.out
+    assert "Not in the plot (no published top-1): test_efficientnet" in md
+    assert {p.name for p in out.iterdir()} == {"bench.csv", "bench.json", "bench.md", "bench.png"}
+
+
+def test_unplotted_models_named_on_the_plot(tmp_path, monkeypatch):
+    from cpubone.analysis import report
+
+    texts = []
+    real_save = report._save
+
+    def spy(plt, fig, path, rect=None):
+        texts.extend(t.get_text() for t in fig.texts)
+        return real_save(plt, fig, path, rect)
+
+    monkeypatch.setattr(report, "_save", spy)
+    rows = [dict(model="a", family="peer", median_ms=2.0, p10_ms=1.9, p90_ms=2.1, top1=70.0),
+            dict(model="resnet18", family="peer", median_ms=3.0, p10_ms=2.9, p90_ms=3.1, top1=None)]
+    report.plot_pareto(rows, tmp_path / "p.png", "t")
+    assert report.unplotted_models(rows) == ["resnet18"]
+    assert texts == ["not plotted, no published top-1: resnet18"]
+
+
+def test_bench_threads_beyond_the_usable_cores(capsys):
+    usable = machine_info().usable_cpus
+    with pytest.warns(RuntimeWarning, match=f"threads=99: only {usable} core"):
+        res = bench.run_bench(["cpubone_nano"], threads=99, size=64, runs=2, warmup=1, out_dir=None, progress=False)
+    assert res.threads == usable and res.peak.threads == usable and res.rows[0].latency.threads == usable
+
+
+def test_cli_bench_threads_warning_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_prepare", _not_reached)  # stop after the argument checks
+    (tmp_path / "file").write_text("x")
+    assert main(["bench", "cpubone_nano", "--threads", "99", "--out", str(tmp_path / "file" / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    usable = machine_info().usable_cpus
+    assert err[0] == f"cpubone bench: warning: threads=99: only {usable} core(s) usable on this machine; timing with {usable}"
+    assert len(err) == 2 and err[1].startswith("cpubone bench: error: cannot write")
+
+
+def _not_reached(*args, **kwargs):
+    raise AssertionError("measured before the output folder was checked")
+
+
+def test_cli_bench_checks_its_output_folder_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_prepare", _not_reached)
+    (tmp_path / "file").write_text("x")
+    assert main(["bench", "cpubone_nano", "--out", str(tmp_path / "file" / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err
+
+
+def test_cli_bench_prints_results_when_writing_fails_late(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real = bench._prepare
+
+    def prepare_then_block(*args, **kwargs):  # the folder turns into a file while the models are timed
+        out.write_text("x")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_prepare", prepare_then_block)
+    assert main(["bench", "cpubone_nano", "--size", "64", "--runs", "2", "--warmup", "1", "--out", str(out),
+                 "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "cpubone_nano" in captured.out and "GEMM peak" in captured.out
+    assert captured.err.startswith("cpubone bench: error: benchmark measured but not written")
+    assert captured.err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]  # no partial or temporary files

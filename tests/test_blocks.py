@@ -100,3 +100,16 @@ def test_cli_blocks_bad_input(args, needle, capsys, tmp_path):
     assert main(args + ["--out", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cpubone blocks: error:") and needle in err
+
+
+def test_cli_blocks_checks_its_output_folder_first(tmp_path, capsys, monkeypatch):
+    from cpubone.analysis import blocks
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("measured before the output folder was checked")
+
+    monkeypatch.setattr(blocks, "prepare_block", not_reached)
+    (tmp_path / "file").write_text("x")
+    assert main(["blocks", "--quick", "--out", str(tmp_path / "file" / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err

@@ -1,5 +1,4 @@
 """Checkpoints: the authors' and timm's layouts, the Hugging Face path, our format, and safety."""
-import importlib.util
 import json
 import os
 import pickle
@@ -17,6 +16,7 @@ from cpubone.models import VARIANTS, CheckpointError, load_checkpoint, read_stat
 from cpubone.models.checkpoints import convert_state_dict, detect_layout
 
 from conftest import randomize_
+from official import official_logits, official_state_dict
 
 # released variant -> (official shapes file, timm model with the release's structure, timm model to load from)
 OFFICIAL = {
@@ -36,33 +36,26 @@ TIMM = {
 }
 
 
-def _det_weights(official_dir, tag):
-    spec = importlib.util.spec_from_file_location("det_weights", official_dir / "det_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    shapes = json.loads((official_dir / f"official_{tag}_state_dict_shapes.json").read_text())
-    return {k: torch.from_numpy(np.asarray(v)) for k, v in mod.det_weights(shapes, seed=0).items()}
-
-
 @pytest.mark.parametrize("name,tag", [("cpubone_b0", "b0"), ("cpubone_t0", "t0")])
-def test_official_logits_match_original_code(official_dir, name, tag):
-    sd = _det_weights(official_dir, tag)
+def test_official_logits_match_original_code(name, tag):
+    sd = official_state_dict(tag)
     assert detect_layout(sd) == "official"
     model = cpubone.create_model(name).double().eval()
     load_checkpoint(model, {"state_dict": sd})  # wrapped like the released evalmodel.pt
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 224, 224)))
     with torch.no_grad():
         logits = model(x).numpy()
-    ref = np.load(official_dir / f"official_{tag}_logits_seed0.npy")
-    assert np.abs(logits - ref).max() <= 1e-6
+    ref = official_logits(tag)
+    assert ref.shape == logits.shape == (2, 1000)
+    assert np.abs(logits - ref).max() <= 1e-12  # float64 rounding: the same computation
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
-def test_every_official_variant_converts_exactly(official_dir, name):
+def test_every_official_variant_converts_exactly(name):
     """Each variant's official layout -> ours equals the original structure (timm built without
     its extra norms, loading the official keys through timm's own converter), in float64."""
     tag, timm_name = OFFICIAL[name]
-    sd = _det_weights(official_dir, tag)
+    sd = official_state_dict(tag)
     ref = timm.create_model(timm_name, local_mbconv_norm="proj").double().eval()
     from timm.models.cpubone import checkpoint_filter_fn
     ref.load_state_dict(checkpoint_filter_fn(dict(sd), ref))
@@ -180,6 +173,46 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match="refused"):
         read_state_dict(path)
     assert not marker.exists()
+
+
+def test_pickled_code_in_a_torch_save_file_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    state = cpubone.create_model("cpubone_nano").state_dict()
+    for legacy in (False, True):  # torch's zip format and its older pickle stream
+        path = tmp_path / f"evil_{legacy}.pt"
+        torch.save({"state_dict": state, "extra": _Payload(marker)}, path, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(CheckpointError) as e:
+            cpubone.create_model("cpubone_nano", pretrained=path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: refused to load") and "GLOBAL" in msg and "system" in msg and "\n" not in msg
+    assert not marker.exists()
+    # the older format itself loads when it holds only tensors
+    torch.save({"state_dict": state}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    other = cpubone.create_model("cpubone_nano", pretrained=tmp_path / "old.pt")
+    assert torch.equal(other.head.fc.weight, state["head.fc.weight"])
+
+
+@pytest.mark.parametrize("content, needle", [
+    (np.random.default_rng(0).bytes(4096), "not a checkpoint: neither safetensors nor a file written by torch.save"),
+    (b"", "not a checkpoint: the file is empty"),
+    (b"hello, this is text\n", "not a checkpoint: neither safetensors nor a file written by torch.save"),
+    (b"PK\x03\x04" + np.random.default_rng(1).bytes(200), "cannot read the checkpoint (truncated or corrupt?)"),
+    (pickle.dumps({"w": [1.0, 2.0]}, protocol=4), "refused to load: a plain Python pickle, not a torch.save file"),
+])
+def test_files_that_are_no_checkpoint_fail_in_one_line_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        cpubone.create_model("cpubone_nano", pretrained=path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and needle in msg and "\n" not in msg
+
+
+def test_broken_saved_config_names_the_file(tmp_path):
+    save_pretrained(cpubone.create_model("cpubone_nano"), tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"d/config\.json: the saved model config is not valid JSON"):
+        cpubone.create_model("cpubone_nano", pretrained=tmp_path / "d")
 
 
 def test_truncated_files_fail_clearly(tmp_path):

@@ -178,3 +178,40 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "--calib" in capsys.readouterr().err
     assert main(["export", "cpubone_nano", "--format", "tflite", "--dynamic", "-o", str(tmp_path / "a.tflite")]) == 2
     assert "ONNX exports only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opset", [7, 13, 21, 99])
+def test_export_opset_outside_the_supported_range(opset, tmp_path, capsys, monkeypatch):
+    from cpubone.deploy import onnx as deploy_onnx
+
+    monkeypatch.setattr(deploy_onnx, "model_metadata", _not_reached)  # refused before any work
+    assert main(["export", "cpubone_nano", "--opset", str(opset), "-o", str(tmp_path / "a.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cpubone export: error: opset {opset} is not supported: choose 14 to 20 (default 18)\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _not_reached(*args, **kwargs):
+    raise AssertionError("work started before the check")
+
+
+def test_export_failure_is_one_line(tmp_path, capfd):
+    """A model the exporter cannot convert: one line naming it and the reason; no graph dump, no files."""
+    out = tmp_path / "eva.onnx"
+    assert main(["export", "eva02_tiny_patch14_224", "-o", str(out)]) == 2
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("cpubone export: error: eva02_tiny_patch14_224: ONNX export failed (TypeError: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_checks_the_destination_first(tmp_path, capsys, monkeypatch):
+    from cpubone.deploy import onnx as deploy_onnx
+
+    monkeypatch.setattr(deploy_onnx, "model_metadata", _not_reached)
+    (tmp_path / "file").write_text("x")
+    assert main(["export", "cpubone_nano", "-o", str(tmp_path / "file" / "a.onnx")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["export", "cpubone_nano", "-o", str(tmp_path)]) == 2
+    assert "is a folder, not a file name" in capsys.readouterr().err

@@ -129,6 +129,7 @@ def test_perfect_detections_give_ap_one():
     results = [{"image_id": i, "category_id": c, "bbox": [x, y, w, h], "score": 0.9}
                for i, bs in enumerate(boxes, 1) for (x, y, w, h, c) in bs]
     m = coco_detection_metrics(coco, results)
+    assert m.pop("per_class_AP") == pytest.approx({"a": 1.0, "b": 1.0})  # keyed by category name
     assert m == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "APs": 1.0, "APm": 1.0, "APl": 1.0})
 
 
@@ -140,6 +141,8 @@ def test_partial_detections_give_hand_computed_ap():
                {"image_id": 1, "category_id": 1, "bbox": [60, 150, 30, 30], "score": 0.8}]
     m = coco_detection_metrics(coco, results)
     assert m["AP"] == pytest.approx(51 / 101) and m["AP50"] == pytest.approx(51 / 101)
+    # per class: category "a" holds both objects; "b" has no ground truth, so no AP
+    assert m["per_class_AP"]["a"] == pytest.approx(51 / 101) and np.isnan(m["per_class_AP"]["b"])
     assert m["APs"] == -1.0 and m["APl"] == -1.0  # no objects in those size ranges (pycocotools' -1)
     # a box shifted to IoU 0.6 counts at AP50 but not at AP75
     shifted = [{"image_id": 1, "category_id": 1, "bbox": [20, 10, 40, 40], "score": 0.9}]
@@ -223,9 +226,9 @@ def test_cli_synthetic_train_eval_predict(tmp_path, capsys):
                  "--output", str(png), "--score-thresh", "0.0", "--json"]) == 0
     dets = json.loads(capsys.readouterr().out)
     with Image.open(png) as im:
-        assert im.format == "PNG" and im.size == (64, 64)
+        assert im.format == "PNG" and im.size == (384, 384)  # enlarged 6x so the labels are legible
         drawn = np.asarray(im)
-    original = np.asarray(Image.open(data / "images" / "val" / "000000.png"))
+    original = np.asarray(Image.open(data / "images" / "val" / "000000.png")).repeat(6, 0).repeat(6, 1)
     assert len(dets) > 0 and (drawn != original).any()  # boxes were drawn on the image
 
 

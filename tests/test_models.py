@@ -6,6 +6,7 @@ import torch.nn as nn
 import cpubone
 from cpubone.analysis.macs import count_macs, count_params
 from cpubone.models import VARIANTS, FusedMBConv, GrFuMBConv, GrMBConv, Lowtention, MBConv, CPUBoneBlock
+from cpubone.models import ResolvedName, is_cpubone, resolve_model_name
 from cpubone.models.layers import ConvNormAct, lowtention_heads
 
 ALL = list(VARIANTS)
@@ -130,6 +131,61 @@ def test_timm_names_pass_through():
     assert type(t).__module__ == "timm.models.cpubone"
     with pytest.raises(ValueError, match="unknown model 'no_such_net'"):
         cpubone.create_model("no_such_net")
+
+
+def test_one_resolver_for_model_names():
+    assert resolve_model_name("cpubone_b0") == ResolvedName("cpubone", "cpubone_b0")
+    assert resolve_model_name("cpubone_b0.r224_in1k") == ResolvedName("cpubone", "cpubone_b0")  # tag: same model
+    # the prefix forces timm, also for names we have a variant of
+    assert resolve_model_name("timm/cpubone_nano") == ResolvedName("timm", "cpubone_nano")
+    assert resolve_model_name("timm/cpubone_b0_bfrobust") == ResolvedName("timm", "cpubone_b0_bfrobust")
+    assert resolve_model_name("resnet50.a1_in1k") == ResolvedName("timm", "resnet50.a1_in1k")
+    assert is_cpubone("cpubone_t0") and not is_cpubone("timm/cpubone_t0") and not is_cpubone("resnet18")
+    for bad, needle in [("no_such_net", "unknown model 'no_such_net': not a CPUBone variant (cpubone_nano, "),
+                        ("timm/cpubone_b0", "unknown model 'timm/cpubone_b0': timm has no model 'cpubone_b0'"),
+                        ("timm/", "unknown model 'timm/'"), ("", "got ''"), (None, "got None"), (3, "got 3")]:
+        with pytest.raises(ValueError) as e:
+            resolve_model_name(bad)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(ValueError, match="must be a non-empty string|unknown model"):
+            cpubone.create_model(bad)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(in_chans=0), "in_chans=0: the number of input channels must be a positive integer"),
+    (dict(in_chans=-3), "in_chans=-3"),
+    (dict(in_chans=1.5), "in_chans=1.5"),
+    (dict(num_classes=-1), "num_classes=-1: must be a positive integer, or 0 for no classifier"),
+    (dict(features_only=True, out_indices=()), "out_indices=(): name at least one stage"),
+    (dict(features_only=True, out_indices=0), "out_indices=0: an int n takes the last n stages"),
+    (dict(features_only=True, out_indices=5), "out_indices=5: cpubone_nano has 4 stages, so the last n can be 1 to 4"),
+    (dict(features_only=True, out_indices=(1, 4)), "4 is out of range"),
+    (dict(features_only=True, out_indices=(-5,)), "-5 is out of range"),
+    (dict(features_only=True, out_indices=(2, 2)), "a stage is named twice"),
+    (dict(features_only=True, out_indices=(1.0, 2)), "stage indices must be integers"),
+    (dict(out_indices=(1, 2)), "only used with features_only=True"),
+])
+@pytest.mark.parametrize("name", ["cpubone_nano", "timm/cpubone_nano"])
+def test_impossible_model_arguments_fail_in_one_line(name, kwargs, needle):
+    if name.startswith("timm/") and "cpubone_nano has 4 stages" in needle:
+        needle = "does not fit the feature stages of cpubone_nano"  # timm's own check, reworded
+    if name.startswith("timm/") and "out of range" in needle:
+        needle = "does not fit the feature stages of cpubone_nano"
+    with pytest.raises(ValueError) as e:
+        cpubone.create_model(name, **kwargs)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_features_only_int_takes_the_last_stages_as_timm_does():
+    import timm
+
+    ours = cpubone.create_model("cpubone_nano", features_only=True, out_indices=2).eval()
+    ref = timm.create_model("cpubone_nano", features_only=True, out_indices=2)
+    assert ours.feature_info.reduction() == ref.feature_info.reduction() == [16, 32]
+    assert [tuple(o.shape) for o in ours(torch.randn(1, 3, 64, 64))] == [(1, 96, 4, 4), (1, 192, 2, 2)]
+    negative = cpubone.create_model("cpubone_nano", features_only=True, out_indices=(-2, -1))
+    assert negative.feature_info.reduction() == [16, 32]
+    assert cpubone.create_model("cpubone_nano", num_classes=0)(torch.randn(1, 3, 64, 64)).shape == (1, 1600)
 
 
 # --- building blocks ---------------------------------------------------------------------------

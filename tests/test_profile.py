@@ -1,6 +1,8 @@
 """cpubone profile: node-name mapping, block units, MAC partition, tables and files."""
 import csv
 import json
+import os
+import tempfile
 
 import pytest
 import torch
@@ -75,3 +77,89 @@ def test_cli_profile_bad_input(args, needle, capsys, tmp_path):
     assert main(args + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cpubone profile: error:") and needle in err
+
+
+def _unwritable_cwd(work, monkeypatch):
+    """Make the working directory refuse new files: read-only, or (for root, whom permissions do not
+    stop) removed."""
+    monkeypatch.chdir(work)
+    if os.geteuid() == 0:
+        work.rmdir()
+    else:
+        work.chmod(0o555)
+
+
+def test_profile_from_an_unwritable_cwd_leaves_nothing_behind(tmp_path, monkeypatch):
+    """ONNX Runtime's trace goes to a private temporary folder, not the working directory, and is removed."""
+    work, temp, out = tmp_path / "cwd", tmp_path / "tmp", tmp_path / "out"
+    work.mkdir()
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    _unwritable_cwd(work, monkeypatch)
+    res = profile_model("cpubone_nano", size=64, runs=2, warmup=1, out_dir=out)
+    assert sorted(os.path.basename(f) for f in res.files.values()) == sorted(
+        f"profile_cpubone_nano.{ext}" for ext in ("csv", "json", "png", "md"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(os.path.basename(f) for f in res.files.values())
+    assert list(temp.iterdir()) == []
+    if work.exists():
+        work.chmod(0o755)
+        assert list(work.iterdir()) == []
+
+
+def test_profile_interrupted_removes_its_trace(tmp_path, monkeypatch):
+    from cpubone.analysis import profile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.chdir(tmp_path)
+    real = profile.ort_session
+
+    class Interrupted:  # a session that is interrupted (Ctrl-C) after its first profiled run
+        def __init__(self, *args, **kwargs):
+            self.sess = real(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+        def run(self, *args):
+            self.sess.run(*args)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile, "ort_session", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profile_model("cpubone_nano", size=64, runs=2, warmup=1, out_dir=tmp_path / "out")
+    assert list(temp.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "tmp"]  # no trace, no report
+
+
+def test_cli_profile_checks_its_output_folder_first(tmp_path, monkeypatch, capsys):
+    from cpubone.analysis import profile
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("built and measured before the output folder was checked")
+
+    monkeypatch.setattr(profile, "build_model", not_reached)
+    (tmp_path / "file").write_text("x")
+    assert main(["profile", "cpubone_nano", "--out", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err
+
+
+def test_cli_profile_prints_results_when_writing_fails_late(tmp_path, monkeypatch, capsys):
+    from cpubone.analysis import profile
+
+    out = tmp_path / "out"
+    real = profile.build_model
+
+    def build_then_block(*args, **kwargs):  # the folder turns into a file while the profile runs
+        out.write_text("x")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(profile, "build_model", build_then_block)
+    assert main(["profile", "cpubone_nano", "--size", "64", "--runs", "2", "--warmup", "1", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "predicted latency" in captured.out and "by block kind" in captured.out
+    assert captured.err.startswith("cpubone profile: error: profile measured but not written")
+    assert captured.err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]  # no partial or temporary files

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from cpubone.images import decode_image
 from cpubone.train.data import (
     ResumableSampler,
     SafeImageFolder,
     collate_skip_bad,
-    load_rgb,
     make_loader,
     write_digits_imagefolder,
 )
@@ -43,22 +43,24 @@ def mixed_folder(tmp_path):
 
 
 def test_modes_are_converted_to_rgb(mixed_folder):
-    gray = load_rgb(str(mixed_folder / "a" / "gray.png"))
+    # SafeImageFolder reads with cpubone.images.decode_image (all its rules: tests/test_images.py)
+    gray = decode_image(str(mixed_folder / "a" / "gray.png"))
     assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (200, 200, 200)
     # transparent pixels composite on white rather than exposing their hidden colour
-    assert load_rgb(str(mixed_folder / "a" / "rgba.png")).getpixel((0, 0)) == (255, 255, 255)
-    cmyk = load_rgb(str(mixed_folder / "b" / "cmyk.jpg"))
+    assert decode_image(str(mixed_folder / "a" / "rgba.png")).getpixel((0, 0)) == (255, 255, 255)
+    cmyk = decode_image(str(mixed_folder / "b" / "cmyk.jpg"))
     r, g, b = cmyk.getpixel((0, 0))
     assert cmyk.mode == "RGB" and r > 200 and g < 60 and b < 60  # C=0 M=Y=255 is red
-    assert load_rgb(str(mixed_folder / "b" / "pal.png")).mode == "RGB"
+    assert decode_image(str(mixed_folder / "b" / "pal.png")).mode == "RGB"
 
 
 def test_16bit_grayscale_is_rescaled(tmp_path):
     arr = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)
-    p = tmp_path / "deep.png"
-    Image.fromarray(arr).save(p)
-    img = np.asarray(load_rgb(str(p)))
-    assert img.shape == (4, 4, 3) and img[0, 0, 0] == 0 and img[-1, -1, 0] == 255
+    (tmp_path / "c").mkdir()
+    Image.fromarray(arr).save(tmp_path / "c" / "deep.png")
+    img = SafeImageFolder(tmp_path, transform=np.asarray)[0][0]
+    # the fixed 16 -> 8 bit scale (high byte), neither clipped at 255 nor stretched to the image's range
+    assert img.shape == (4, 4, 3) and (img[..., 0] == arr >> 8).all() and img.max() == 60000 >> 8
 
 
 def test_corrupt_images_are_skipped_and_counted(mixed_folder, caplog):

@@ -16,6 +16,8 @@ from cpubone.train import TrainConfig, TrainingDiverged, evaluate_checkpoint, ge
 from cpubone.train import engine as engine_mod
 from cpubone.train.data import write_digits_imagefolder
 
+from official import OFFICIAL_DIR
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -208,13 +210,8 @@ def _convnext_init():
 
 
 def _official_shapes() -> Path:
-    # the authors' release layout (key names and shapes of evalmodel.pt), in the shared reference data
-    repo = Path(__file__).resolve().parents[1]
-    for shared in (repo.parent / "shared", Path("/work/shared")):
-        f = shared / "reference" / "official" / "official_nano_state_dict_shapes.json"
-        if f.is_file():
-            return f
-    pytest.fail("reference data missing: shared/reference/official/official_nano_state_dict_shapes.json")
+    # the authors' release layout (key names and shapes of evalmodel.pt), in the repository's test data
+    return OFFICIAL_DIR / "official_nano_state_dict_shapes.json"
 
 
 def test_finetune_from_the_authors_checkpoint_layout(short_run, tmp_path):

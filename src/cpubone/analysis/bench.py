@@ -17,10 +17,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..models import VARIANTS, create_model, is_cpubone
-from ..engines import engine_class, get_engine, inference_form, parse_engines, parse_precisions
+from ..engines import ExportError, engine_class, get_engine, inference_form, parse_engines, parse_precisions
+from ..models import VARIANTS, create_model, resolve_model_name
+from ..outputs import OutputPathError, ResultsNotWritten, check_output_dir
 from .latency import LatencyResult, check_timing_args, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
-from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info
+from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info, usable_threads
 from .macs import count_macs, count_params
 
 __all__ = [
@@ -53,13 +54,13 @@ PEER_TOP1: Dict[str, Tuple[float, str]] = {
 
 def published_top1(name: str) -> Tuple[Optional[float], str]:
     """Published top-1 of ``name`` and where it comes from (None, '' when we have no figure)."""
-    base = name[len("timm/"):] if name.startswith("timm/") else name
-    if is_cpubone(base) and not name.startswith("timm/"):
-        cfg = VARIANTS[base.split(".")[0]]
+    resolved = resolve_model_name(name)
+    if resolved.source == "cpubone":
+        cfg = VARIANTS[resolved.name]
         if cfg.top1 is not None:
             return cfg.top1, f"Nottebaum et al., CPUBone, CVPR Findings 2026 ({cfg.published_name}, authors' release)"
         return None, ""
-    return PEER_TOP1.get(base.split(".")[0], (None, ""))
+    return PEER_TOP1.get(resolved.name.split(".")[0], (None, ""))
 
 
 def cache_dir() -> Path:
@@ -88,14 +89,8 @@ def check_args(models: Sequence[str], engine: Union[str, Sequence[str]] = "onnxr
         raise ValueError(f"size={size}: input side must be at least 32 pixels (the networks downsample by 32)")
     if not models:
         raise ValueError("no models given")
-    import timm
-
-    known = set(timm.list_models())
     for name in models:
-        base = name[len("timm/"):] if name.startswith("timm/") else name
-        if not (is_cpubone(name) and not name.startswith("timm/")) and base.split(".")[0] not in known:
-            raise ValueError(f"unknown model {name!r}: not a CPUBone variant ({', '.join(VARIANTS)}) "
-                             f"and not a timm model")
+        resolve_model_name(name)  # unknown names fail here, before any measuring
     return engines, precisions
 
 
@@ -136,7 +131,7 @@ def onnx_export(name: str, model: nn.Module, size: int) -> Path:
 
     path = cache_dir() / "onnx" / _export_key(name, size)
     if not path.exists():
-        export_onnx(model, path, input_size=(size, size), metadata={"cpubone_bench_model": name})
+        export_onnx(model, path, input_size=(size, size), metadata={"cpubone_bench_model": name}, name=name)
     return path
 
 
@@ -183,6 +178,7 @@ class BenchResult:
     rounds: int
     rows: List[BenchRow]
     files: Dict[str, str] = field(default_factory=dict)
+    failed: Dict[str, str] = field(default_factory=dict)  # model -> why it could not be measured
     precisions: List[str] = field(default_factory=lambda: ["fp32"])
     skipped: List[str] = field(default_factory=list)  # engine x precision that could not be prepared, and why
 
@@ -192,6 +188,7 @@ class BenchResult:
             size=self.size, runs=self.runs, warmup=self.warmup, rounds=self.rounds, channels_last=self.channels_last,
             precisions=self.precisions, skipped=self.skipped,
             gemm_peak=self.peak.to_dict(), rows=[r.to_dict() for r in self.rows],
+            failed=[dict(model=m, error=e) for m, e in self.failed.items()],
         )
 
 
@@ -211,7 +208,7 @@ class _Entry:
 
 
 def _ours(name: str) -> bool:
-    return is_cpubone(name) and not name.startswith("timm/")
+    return resolve_model_name(name).source == "cpubone"
 
 
 def counted_model(name: str, built: nn.Module) -> nn.Module:
@@ -224,18 +221,14 @@ def counted_model(name: str, built: nn.Module) -> nn.Module:
 
 
 def _calibration(model: nn.Module, size: int, n: int = 8) -> List["np.ndarray"]:
-    """int8 calibration samples for a timing run (random weights: the ranges only need to be plausible):
-    scikit-image photos through the model's eval preprocessing."""
+    """int8 calibration samples for a timing run (random weights: the ranges only need to be plausible)."""
     from timm.data import resolve_data_config
 
-    from ..deploy.preprocess import PreprocessConfig, preprocess
-    from ..engines.verify import sample_photos
+    from ..engines.verify import photo_samples
 
     cfg = resolve_data_config(model=model)
     cfg["input_size"] = (getattr(model, "in_chans", 3), size, size)
-    pcfg = PreprocessConfig.from_data_config(cfg)
-    photos = [preprocess(img, pcfg, name)[None] for name, img in sample_photos()]
-    return (photos + [p[..., ::-1].copy() for p in photos])[:n]
+    return photo_samples(cfg, n)
 
 
 def _prepare(name: str, engines: Sequence[str], precisions: Sequence[str], threads: int, size: int,
@@ -302,18 +295,26 @@ def run_bench(
             later round, to bring its weights back into cache).
         channels_last: eager only, run in channels_last memory format.
         rounds: interleaved rounds (1: each candidate timed in one go).
-        out_dir: where the report files go (None: write nothing).
+        out_dir: where the report files go (None: write nothing); checked before anything is measured.
         progress: show a progress bar on the terminal.
+
+    A model the ONNX exporter cannot convert is left out and named in ``failed`` with the reason; the
+    others are measured. More threads than usable cores are reduced to the cores (with a warning).
+    Raises ``ResultsNotWritten`` (holding the result) if the report files cannot be written at the end.
     """
     models = list(models) or list(DEFAULT_MODELS)
     engines, precisions = check_args(models, engine, threads, size, runs, warmup, precision)
     if channels_last and "eager" not in engines:
-        raise ValueError("--channels-last applies to the eager engine only (the other runtimes pick their own layout)")
+        raise ValueError("channels_last applies to the eager engine only (the other runtimes pick their own layout)")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: need at least 1 round")
+    threads = usable_threads(threads)
+    if out_dir is not None:
+        check_output_dir(out_dir, need_bytes=2 ** 20)  # before the measuring, not after it
     rounds = min(rounds, runs)
     chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
     entries: List[_Entry] = []
+    failed: Dict[str, str] = {}
     skipped: List[str] = []
     # the GEMM peak in the first engine that has one (ONNX Runtime's MatMul or torch.matmul)
     peak_engine = next((e for e in engines if e in ENGINES), "onnxruntime")
@@ -322,7 +323,10 @@ def run_bench(
         peak = _Entry("GEMM peak", 0, GEMM_N ** 3, False, peak_fn)
         for name in models:
             step(f"prepare {name}")
-            entries.extend(_prepare(name, engines, precisions, threads, size, channels_last, skipped))
+            try:
+                entries.extend(_prepare(name, engines, precisions, threads, size, channels_last, skipped))
+            except ExportError as e:  # one model the exporter cannot convert does not stop the others
+                failed[name] = str(e)
         with torch_threads(threads), torch.inference_mode():
             for r, chunk in enumerate(chunks):
                 step(f"timing round {r + 1}/{rounds}")
@@ -342,19 +346,20 @@ def run_bench(
         first.setdefault(e.name, lat.median_ms)
         top1, source = published_top1(e.name)
         rows.append(BenchRow(
-            model=e.name, engine=eng, precision=e.precision,
-            family="CPUBone" if is_cpubone(e.name) and not e.name.startswith("timm/") else "peer",
+            model=e.name, engine=eng, precision=e.precision, family="CPUBone" if _ours(e.name) else "peer",
             params=e.params, macs=e.macs, median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms,
             min_ms=lat.min_ms, gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps,
             ratio=lat.median_ms / first[e.name], top1=top1, top1_source=source, deploy_form=e.deployed, latency=lat,
         ))
-    result = BenchResult(machine_info(), label, threads, size, runs, warmup, channels_last, gemm, rounds, rows)
-    result.precisions = list(precisions)
-    result.skipped = skipped
+    result = BenchResult(machine_info(), label, threads, size, runs, warmup, channels_last, gemm, rounds, rows,
+                         failed=failed, precisions=list(precisions), skipped=skipped)
     if out_dir is not None:
         from .report import write_bench_report
 
-        result.files = write_bench_report(result, Path(out_dir))
+        try:
+            result.files = write_bench_report(result, Path(out_dir))
+        except OutputPathError as e:
+            raise ResultsNotWritten(f"benchmark measured but not written: {e}", result) from None
     return result
 
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from ..models.layers import ConvNormAct, FusedMBConv, MBConv
+from ..outputs import OutputPathError, ResultsNotWritten, atomic_write_text, check_output_dir
 from .latency import eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
-from .machine import machine_info
+from .machine import machine_info, usable_threads
 from .macs import count_macs, count_params
 
 __all__ = [
@@ -269,6 +270,9 @@ def run_block_sweep(
     bad = [k for k in kernels if k != 2 and k % 2 == 0 or k < 1]
     if bad:
         raise ValueError(f"kernels {bad}: only 2 and odd kernels are supported")
+    threads = usable_threads(threads)
+    if out_dir is not None:
+        check_output_dir(out_dir, need_bytes=2 ** 20)  # before the measuring, not after it
     specs = block_specs(widths, kernels, groups)
     rounds = min(rounds, runs)
     chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
@@ -295,7 +299,10 @@ def run_block_sweep(
     res = BlockSweepResult(machine_info().header(threads), engine, threads, records, rules["preferred"],
                            rules["rules"])
     if out_dir is not None:
-        res.files = _write(res, Path(out_dir))
+        try:
+            res.files = _write(res, Path(out_dir))
+        except OutputPathError as e:
+            raise ResultsNotWritten(f"block sweep measured but not written: {e}", res) from None
     return res
 
 
@@ -314,7 +321,5 @@ def _write(res: BlockSweepResult, out_dir: Path) -> Dict[str, str]:
           "## Design rules on this machine", "", markdown_table(res.rules),
           "## Fused vs unfused (groups 2) per kernel and width", "", markdown_table(res.preferred),
           "## All measurements", "", markdown_table(res.records), "![MACpS by block](blocks.png)", ""]
-    path = out_dir / "blocks.md"
-    path.write_text("\n".join(md), encoding="utf-8")
-    files["md"] = path
+    files["md"] = atomic_write_text(out_dir / "blocks.md", "\n".join(md))
     return {k: str(v) for k, v in files.items()}

@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .latency import LatencyResult, ort_session, time_callable, torch_threads
 
-__all__ = ["MachineInfo", "GemmPeak", "machine_info", "isa_features", "gemm_runner", "gemm_peak", "GEMM_N"]
+__all__ = ["MachineInfo", "GemmPeak", "machine_info", "isa_features", "usable_threads", "gemm_runner", "gemm_peak",
+           "GEMM_N"]
 
 # 512x512x512: large enough for the kernel's steady state, small enough to stay cache-resident
 # (the regime of the convs of a small backbone at batch 1).
@@ -121,6 +123,20 @@ def machine_info() -> MachineInfo:
         isa=isa_features(cpuinfo), os=f"{platform.system()} {platform.release()}",
         python=platform.python_version(), versions=_versions(),
     )
+
+
+def usable_threads(threads: int) -> int:
+    """``threads``, or the cores this process may use when more are asked for (with a warning).
+
+    More threads than cores only time the operating system's scheduler: the run goes on with what the
+    machine has, and says so.
+    """
+    usable = machine_info().usable_cpus
+    if threads > usable:
+        warnings.warn(f"threads={threads}: only {usable} core(s) usable on this machine; timing with {usable}",
+                      RuntimeWarning, stacklevel=2)
+        return usable
+    return threads
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..outputs import OutputPathError, ResultsNotWritten, atomic_write_text, check_output_dir
 from .bench import build_model, check_args, counted_model, onnx_export
 from .latency import measure_eager, measure_onnx, ort_session, torch_threads
-from .machine import gemm_peak, machine_info
+from .machine import gemm_peak, machine_info, usable_threads
 from .macs import MacReport, count_macs
 
 __all__ = ["ProfileResult", "block_units", "module_of_node", "profile_model"]
@@ -155,15 +157,18 @@ def _ort_times(path: Path, shape: Tuple[int, ...], threads: int, runs: int, warm
     """Per-unit and per-op-type median kernel time (ms) and op call counts from ORT's profiler."""
     import numpy as np
 
-    sess = ort_session(path, threads, enable_profiling=True)
-    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    for _ in range(warmup + runs):
-        sess.run(None, feed)
-    trace = Path(sess.end_profiling())
-    try:
+    # the trace (megabytes) goes to a private temporary folder, never the current directory, and is
+    # removed however the run ends, Ctrl-C included
+    with tempfile.TemporaryDirectory(prefix="cpubone-profile-") as tmp:
+        sess = ort_session(path, threads, enable_profiling=True, profile_prefix=os.path.join(tmp, "ort_trace"))
+        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        try:
+            for _ in range(warmup + runs):
+                sess.run(None, feed)
+        finally:
+            trace = Path(sess.end_profiling())  # closes the trace file before the folder goes
+            del sess
         events = json.loads(trace.read_text())
-    finally:
-        trace.unlink(missing_ok=True)
     per_node: Dict[str, List[float]] = defaultdict(list)
     order: List[Tuple[str, str]] = []
     for e in events:
@@ -243,6 +248,9 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
         out_dir: writes ``profile_<model>.{csv,json,md,png}`` there (None: nothing written).
     """
     check_args([name], engine, threads, size, runs, warmup)
+    threads = usable_threads(threads)
+    if out_dir is not None:
+        check_output_dir(out_dir, need_bytes=2 ** 20)  # before the measuring, not after it
     model, _ = build_model(name)
     counted = counted_model(name, model)
     report: MacReport = count_macs(counted, size)
@@ -312,7 +320,10 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
         blocks=blocks, kinds=kinds, ops=ops,
     )
     if out_dir is not None:
-        res.files = _write(res, Path(out_dir))
+        try:
+            res.files = _write(res, Path(out_dir))
+        except OutputPathError as e:
+            raise ResultsNotWritten(f"profile measured but not written: {e}", res) from None
     return res
 
 
@@ -336,7 +347,5 @@ def _write(res: ProfileResult, out_dir: Path) -> Dict[str, str]:
           f"- floor at the GEMM peak ({res.peak_gmacps:.1f} GMAC/s): {res.floor_ms:.2f} ms", "",
           "## By block kind", "", markdown_table(res.kinds), "## By op type", "", markdown_table(res.ops),
           "## By block", "", markdown_table(res.blocks), f"![by block kind]({stem}.png)", ""]
-    path = out_dir / f"{stem}.md"
-    path.write_text("\n".join(md), encoding="utf-8")
-    files["md"] = path
+    files["md"] = atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
     return {k: str(v) for k, v in files.items()}

@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..outputs import atomic_write, atomic_write_text
+
 __all__ = [
-    "write_csv", "write_json", "markdown_table", "pareto_front", "plot_pareto", "write_bench_report",
+    "write_csv", "write_json", "markdown_table", "pareto_front", "plot_pareto", "unplotted_models", "write_bench_report",
     "plot_profile", "plot_blocks",
 ]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_csv(rows: Sequence[Dict[str, Any]], path: Path) -> Path:
@@ -32,12 +26,12 @@ def write_csv(rows: Sequence[Dict[str, Any]], path: Path) -> Path:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    _atomic_write_text(Path(path), buf.getvalue())
+    atomic_write_text(Path(path), buf.getvalue())
     return Path(path)
 
 
 def write_json(obj: Any, path: Path) -> Path:
-    _atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
     return Path(path)
 
 
@@ -85,13 +79,12 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def _save(plt, fig, path: Path, rect: Optional[Tuple[float, float, float, float]] = None) -> Path:
+    fig.tight_layout(rect=rect)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def plot_pareto(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
@@ -132,8 +125,18 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_ylabel("published ImageNet-1k top-1 (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return _save(plt, fig, path)
+    if pts:
+        ax.legend(fontsize=8, loc="lower right")
+    missing = unplotted_models(rows)
+    if missing:  # say who is absent rather than drop them silently
+        fig.text(0.01, 0.005, "not plotted, no published top-1: " + ", ".join(missing), fontsize=7, color="gray",
+                 va="bottom", wrap=True)
+    return _save(plt, fig, path, rect=(0, 0.04, 1, 1) if missing else None)
+
+
+def unplotted_models(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Models of a bench report that ``plot_pareto`` leaves out: those without a published top-1."""
+    return [r["model"] for r in rows if r.get("top1") is None]
 
 
 BENCH_COLUMNS = [
@@ -152,11 +155,14 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
     title = (f"{m.cpu}, {result.engine}, {result.threads} thread(s), batch 1, "
              f"{result.size}x{result.size}, {precisions}")
     files = {
-        "csv": write_csv(rows, out_dir / "bench.csv"),
+        "csv": write_csv(rows + [dict(model=name, error=reason) for name, reason in getattr(result, "failed", {}).items()],
+                         out_dir / "bench.csv"),
         "json": write_json(result.to_dict(), out_dir / "bench.json"),
         "png": plot_pareto(rows, out_dir / "bench.png", title),
     }
     sources = sorted({(r["model"], r["top1_source"]) for r in rows if r["top1_source"]})
+    missing = unplotted_models(rows)
+    failed = [f"- {name}: {reason}" for name, reason in getattr(result, "failed", {}).items()]
     md = [
         "# cpubone bench", "",
         f"- machine: {m.header(result.threads)}",
@@ -172,11 +178,13 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
         "(`timm.utils.reparameterize_model`). Read the latencies as ratios between models of this run.", "",
         "Published top-1 sources:", "",
         *[f"- {name}: {src}" for name, src in sources], "",
+        *([f"Not in the plot (no published top-1): {', '.join(missing)}.", ""] if missing else []),
+        *(["Not measured (failed):", "", *failed, ""] if failed else []),
         "![top-1 vs latency](bench.png)", "",
         *([f"Not run: {s}" for s in getattr(result, "skipped", [])] + [""] if getattr(result, "skipped", []) else []),
     ]
     files["md"] = out_dir / "bench.md"
-    _atomic_write_text(files["md"], "\n".join(md))
+    atomic_write_text(files["md"], "\n".join(md))
     return {k: str(v) for k, v in files.items()}
 
 

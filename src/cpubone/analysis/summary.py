@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..models import VARIANTS, create_model, is_cpubone
+from ..models import VARIANTS, create_model, resolve_model_name
 from .macs import count_macs, count_params
 
 
@@ -30,7 +30,7 @@ def model_summary(name: str, size: Tuple[int, int] = (224, 224)) -> Dict[str, An
     model = create_model(name).eval()
     report = count_macs(model, size)
     stages: List[Dict[str, Any]] = []
-    if is_cpubone(name):
+    if resolve_model_name(name).source == "cpubone":
         shapes: Dict[str, Tuple[int, ...]] = {}
         hooks = [model.stem.register_forward_hook(lambda m, i, o: shapes.__setitem__("stem", tuple(o.shape)))]
         for i, st in enumerate(model.stages):

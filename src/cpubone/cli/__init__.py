@@ -10,6 +10,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 from typing import List, Optional
 
 from .. import __version__
@@ -36,8 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        # the library's warnings speak to the user here: one line, no source location
+        print(f"cpubone {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        code = args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            code = args.func(args)
     # CheckpointError is a ValueError; not importing it keeps torch-free commands (predict) free of torch
     except (UserError, FileNotFoundError, ValueError) as e:
         print(f"cpubone {args.command}: error: {e}", file=sys.stderr)

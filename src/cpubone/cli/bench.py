@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _engine_args(p: argparse.ArgumentParser, runs: int, warmup: int) -> None:
@@ -51,33 +52,58 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..analysis.bench import run_bench
+    from ..analysis.report import unplotted_models
+    from ..outputs import ResultsNotWritten
+    from . import UserError
     from ._render import print_table
 
-    res = run_bench(args.models, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
-                    warmup=args.warmup, channels_last=args.channels_last, rounds=args.rounds, out_dir=args.out,
-                    progress=not args.no_progress, precision=args.precision)
+    if args.channels_last and "eager" not in args.engine.split(","):
+        raise UserError("--channels-last applies to --engine eager only (the other runtimes pick their own layout)")
+    try:
+        res = run_bench(args.models, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
+                        warmup=args.warmup, channels_last=args.channels_last, rounds=args.rounds, out_dir=args.out,
+                        progress=not args.no_progress, precision=args.precision)
+        late_error = None
+    except ResultsNotWritten as e:  # measured, not saved: show the figures before the error
+        res, late_error = e.result, e
     print(res.machine.header(res.threads))
     print(f"fp32 GEMM peak: {res.peak.gmacps:.1f} GMAC/s ({res.peak.method})")
     many = len({(r.engine, r.precision) for r in res.rows}) > 1
-    print_table([dict(model=r.model, **(dict(engine=r.engine, precision=r.precision, ratio=r.ratio) if many else {}),
-                      params=r.params, MACs=r.macs, median_ms=r.median_ms, p10_ms=r.p10_ms,
-                      p90_ms=r.p90_ms, GMACps=r.gmacps, peak_pct=r.peak_pct, top1=r.top1,
-                      reparam="yes" if r.deploy_form else "")
-                 for r in res.rows],
-                title=f"batch 1, {res.size}x{res.size}, {res.engine}, {','.join(res.precisions)}, "
-                      f"{res.threads} thread(s)" + ("; ratio = median / the model's first row" if many else ""))
+    rows = [dict(model=r.model, **(dict(engine=r.engine, precision=r.precision, ratio=r.ratio) if many else {}),
+                 params=r.params, MACs=r.macs, median_ms=r.median_ms, p10_ms=r.p10_ms,
+                 p90_ms=r.p90_ms, GMACps=r.gmacps, peak_pct=r.peak_pct, top1=r.top1,
+                 reparam="yes" if r.deploy_form else "") for r in res.rows]
+    if rows:
+        rows += [dict({k: None for k in rows[0]}, model=m, reparam="FAILED") for m in res.failed]
+    else:
+        rows = [dict(model=m, reparam="FAILED") for m in res.failed]
+    print_table(rows, title=f"batch 1, {res.size}x{res.size}, {res.engine}, {','.join(res.precisions)}, "
+                            f"{res.threads} thread(s)" + ("; ratio = median / the model's first row" if many else ""))
+    for reason in res.failed.values():
+        print(f"cpubone bench: not measured: {reason}", file=sys.stderr)
     for s in res.skipped:
         print(f"not run: {s}")
+    missing = unplotted_models([r.to_dict() for r in res.rows])
+    if late_error is not None:
+        print(f"cpubone bench: error: {late_error}", file=sys.stderr)
+        return 2
+    if missing:
+        print(f"not in bench.png (no published top-1): {', '.join(missing)}")
     print("written: " + ", ".join(res.files.values()))
-    return 0
+    return 1 if res.failed else 0
 
 
 def _profile(args: argparse.Namespace) -> int:
     from ..analysis.profile import profile_model
+    from ..outputs import ResultsNotWritten
     from ._render import print_table
 
-    res = profile_model(args.model, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
-                        warmup=args.warmup, out_dir=args.out)
+    try:
+        res = profile_model(args.model, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
+                            warmup=args.warmup, out_dir=args.out)
+        late_error = None
+    except ResultsNotWritten as e:  # measured, not saved: show the figures before the error
+        res, late_error = e.result, e
     print(res.machine_header)
     print_table(res.kinds, title=f"{res.model}: by block kind")
     print_table(res.blocks, title="by block")
@@ -86,19 +112,30 @@ def _profile(args: argparse.Namespace) -> int:
           f"{res.profiled_ms:.2f} ms")
     print(f"predicted latency = sum MACs / MACpS: {res.predicted_ms:.2f} ms (blocks that do MACs, own MACpS); "
           f"{res.floor_ms:.2f} ms at the GEMM peak of {res.peak_gmacps:.1f} GMAC/s")
+    if late_error is not None:
+        print(f"cpubone profile: error: {late_error}", file=sys.stderr)
+        return 2
     print("written: " + ", ".join(res.files.values()))
     return 0
 
 
 def _blocks(args: argparse.Namespace) -> int:
     from ..analysis.blocks import run_block_sweep
+    from ..outputs import ResultsNotWritten
     from ._render import print_table
 
-    res = run_block_sweep(widths=args.widths, quick=args.quick, engine=args.engine, threads=args.threads,
-                          runs=args.runs, warmup=args.warmup, rounds=args.rounds, out_dir=args.out,
-                          progress=not args.no_progress)
+    try:
+        res = run_block_sweep(widths=args.widths, quick=args.quick, engine=args.engine, threads=args.threads,
+                              runs=args.runs, warmup=args.warmup, rounds=args.rounds, out_dir=args.out,
+                              progress=not args.no_progress)
+        late_error = None
+    except ResultsNotWritten as e:  # measured, not saved: show the figures before the error
+        res, late_error = e.result, e
     print(res.machine_header)
     print_table(res.preferred, title="fused vs unfused (groups 2) per kernel and width: the higher MACpS is preferred")
     print_table(res.rules, title="design rules measured on this machine")
+    if late_error is not None:
+        print(f"cpubone blocks: error: {late_error}", file=sys.stderr)
+        return 2
     print("written: " + ", ".join(res.files.values()))
     return 0

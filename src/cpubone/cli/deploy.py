@@ -24,10 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("predict", help="classify images with an exported ONNX model (no torch needed)")
-    from ..deploy.predictor import add_arguments  # torch-free module
-
-    add_arguments(p)
+    p = sub.add_parser("predict", help="classify images with an exported ONNX model (no torch needed) or saved weights",
+                       usage="cpubone predict MODEL IMAGE_OR_FOLDER... [options]\n"
+                             "       cpubone predict IMAGE_OR_FOLDER... --onnx FILE [options]")
+    p.add_argument("inputs", nargs="+", metavar="MODEL IMAGE",
+                   help="the model (an .onnx file written by `cpubone export`: no torch needed; or weights: a "
+                        "save_pretrained folder such as best_model/, .safetensors, .pt), then image files and "
+                        "folders of images")
+    p.add_argument("--onnx", metavar="FILE", help="the model as an option; then every positional is an image")
+    p.add_argument("--model", dest="architecture", metavar="NAME",
+                   help="architecture of weights saved without a config (e.g. the authors' evalmodel.pt)")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_predict)
 
 
@@ -79,7 +88,32 @@ def _print_report(report, as_json: bool) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ..deploy.predictor import format_predictions, predict_files
+    import json
+    import sys
 
-    print(format_predictions(predict_files(args.images, args.model, args.topk, args.threads), args.json))
-    return 0
+    from ..deploy.predictor import predict_files  # torch-free unless the model is PyTorch weights
+    from . import UserError
+
+    if args.onnx:
+        model, images = args.onnx, args.inputs
+    else:
+        model, images = args.inputs[0], args.inputs[1:]
+        if not images:
+            raise UserError(f"give the model and then at least one image or folder (got only {model})")
+    if args.topk < 1:
+        raise UserError(f"--topk {args.topk}: must be at least 1")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+    preds = predict_files(images, model, args.topk, args.threads, args.architecture)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+    else:
+        for p in preds:
+            if p.error is None:
+                print(p.image)
+                for i, label, prob in zip(p.indices, p.labels, p.probs):
+                    print(f"  {prob:7.2%}  {i:5d}  {label}")
+    failed = [p for p in preds if p.error is not None]
+    for p in failed:
+        print(f"cpubone predict: error: {p.error}", file=sys.stderr)
+    return 1 if failed else 0

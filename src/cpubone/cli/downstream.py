@@ -52,6 +52,25 @@ def _common_synth(p: argparse.ArgumentParser, train: str, val: str) -> None:
     p.set_defaults(train_split=train, val_split=val)
 
 
+def _one_line_warnings(func):
+    """Show library warnings (an empty COCO annotation list, a skipped image) as one line each, like errors."""
+    import functools
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        import sys
+        import warnings
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            print(f"cpubone {args.command} {args.action}: warning: {message}", file=file or sys.stderr)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            return func(args)
+
+    return run
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..downstream.presets import DETECTION_PRESETS, SEGMENTATION_PRESETS
 
@@ -71,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=float, help="max gradient norm (preset: none for 1x, 35 for 1x-sgd)")
     p.add_argument("--head-norm", action="store_true",
                    help="GroupNorm in the RetinaNet towers (torchvision's v2 head; not the paper's)")
-    p.set_defaults(func=_detect_train)
+    p.set_defaults(func=_one_line_warnings(_detect_train))
 
     p = dsub.add_parser("eval", help="COCO AP of a trained detector")
     p.add_argument("checkpoint", help="model.pt or last.pt from detect train")
@@ -79,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_detect_eval)
+    p.set_defaults(func=_one_line_warnings(_detect_eval))
 
     p = dsub.add_parser("predict", help="detect objects in one image; writes a PNG with the boxes drawn")
     p.add_argument("checkpoint")
@@ -87,15 +106,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_detect_predict)
+    p.set_defaults(func=_one_line_warnings(_detect_predict))
 
     p = dsub.add_parser("bench", help="batch-1 CPU latency of RetinaNet on CPUBone and peer backbones")
     _common_bench(p, 80)
-    p.set_defaults(func=_detect_bench)
+    p.set_defaults(func=_one_line_warnings(_detect_bench))
 
     p = dsub.add_parser("make-synthetic", help="write a synthetic COCO-format shapes dataset")
     _common_synth(p, "train", "val")
-    p.set_defaults(func=_detect_synth)
+    p.set_defaults(func=_one_line_warnings(_detect_synth))
 
     seg = sub.add_parser("segment", help="Semantic FPN segmentation on a CPUBone (or timm) backbone")
     ssub = seg.add_subparsers(dest="action", metavar="ACTION")
@@ -114,14 +133,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-size", type=int, help="shorter side before the random rescale / at evaluation (preset 512)")
     p.add_argument("--head-channels", type=int, default=128, help="semantic branch width (default 128)")
     p.add_argument("--eval-every", type=int, default=4000, help="evaluate and checkpoint every N iterations")
-    p.set_defaults(func=_segment_train)
+    p.set_defaults(func=_one_line_warnings(_segment_train))
 
     p = ssub.add_parser("eval", help="mIoU, per-class IoU and pixel accuracy of a trained segmenter")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="validation")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_segment_eval)
+    p.set_defaults(func=_one_line_warnings(_segment_eval))
 
     p = ssub.add_parser("predict", help="segment one image; writes a PNG with the coloured mask overlaid")
     p.add_argument("checkpoint")
@@ -129,15 +148,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_segment_predict)
+    p.set_defaults(func=_one_line_warnings(_segment_predict))
 
     p = ssub.add_parser("bench", help="batch-1 CPU latency of Semantic FPN on CPUBone and peer backbones")
     _common_bench(p, 150)
-    p.set_defaults(func=_segment_bench)
+    p.set_defaults(func=_one_line_warnings(_segment_bench))
 
     p = ssub.add_parser("make-synthetic", help="write a synthetic ADE20K-format shapes dataset")
     _common_synth(p, "training", "validation")
-    p.set_defaults(func=_segment_synth)
+    p.set_defaults(func=_one_line_warnings(_segment_synth))
 
 
 def _none(split: str):
@@ -162,9 +181,13 @@ def _print_metrics(metrics: Dict[str, Any], as_json: bool, title: str) -> None:
         return
     flat = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
     print_table([flat], title=title)
-    if isinstance(metrics.get("IoU"), list):
-        names = metrics.get("classes") or [str(i) for i in range(len(metrics["IoU"]))]
-        print_table([{"class": n, "IoU": v} for n, v in zip(names, metrics["IoU"])], title="per-class IoU")
+    # per-class results come keyed by class name from the metric functions (IoU, per_class_AP)
+    for key, per_class in metrics.items():
+        if isinstance(per_class, dict) and per_class:
+            column = key.replace("per_class_", "")
+            absent = any(v != v for v in per_class.values())  # NaN: the class is in neither truth nor prediction
+            print_table([{"class": n, column: None if v != v else v} for n, v in per_class.items()],
+                        title=f"per-class {column}" + (" (-: class not in this data)" if absent else ""))
 
 
 def _detect_train(args: argparse.Namespace) -> int:
@@ -180,9 +203,7 @@ def _detect_eval(args: argparse.Namespace) -> int:
     from ..downstream.datasets import CocoDetection, detection_transforms
     from ..downstream.engine import coco_split, evaluate_detection, load_downstream_model
 
-    model, cfg = load_downstream_model(args.checkpoint)
-    if cfg["task"] != "detect":
-        raise ValueError(f"{args.checkpoint}: a {cfg['task']} checkpoint; use 'cpubone segment eval'")
+    model, cfg = load_downstream_model(args.checkpoint, task="detect")
     images, ann = coco_split(args.data, args.split)
     ds = CocoDetection(images, ann, transforms=detection_transforms(train=False))
     if ds.cat_ids != cfg["cat_ids"]:
@@ -246,12 +267,11 @@ def _segment_eval(args: argparse.Namespace) -> int:
     from ..downstream.datasets import SegmentationFolder
     from ..downstream.engine import evaluate_segmentation, load_downstream_model
 
-    model, cfg = load_downstream_model(args.checkpoint)
-    if cfg["task"] != "segment":
-        raise ValueError(f"{args.checkpoint}: a {cfg['task']} checkpoint; use 'cpubone detect eval'")
-    ds = SegmentationFolder(args.data, args.split, cfg["num_classes"], cfg["reduce_zero_label"])
+    model, cfg = load_downstream_model(args.checkpoint, task="segment")
+    # the model's own class names, whatever the data folder's classes.json says
+    ds = SegmentationFolder(args.data, args.split, cfg["num_classes"], cfg["reduce_zero_label"],
+                            classes=cfg.get("classes"))
     metrics = evaluate_segmentation(model, ds, base_size=cfg["base_size"])
-    metrics["classes"] = cfg.get("classes")
     _print_metrics(metrics, args.json, f"{cfg['backbone']} Semantic FPN on {ds.image_dir}")
     return 0
 

@@ -15,6 +15,7 @@ _LAZY = {
     "verify_onnx": ".onnx",
     "quantize_onnx": ".quantize",
     "Predictor": ".predictor",
+    "TorchPredictor": ".predictor",
     "PreprocessConfig": ".preprocess",
     "preprocess": ".preprocess",
 }

@@ -9,27 +9,69 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .preprocess import PreprocessConfig, preprocess
+from ..engines.base import ExportError  # defined with the engines: analysis catches it without importing deploy
+from .preprocess import ImageLike, PreprocessConfig, preprocess
 
 __all__ = ["export_onnx", "export_model", "verify_onnx", "model_metadata", "read_metadata", "sample_photos",
-           "ExportReport", "ExportVerificationError", "DEFAULT_OPSET", "METADATA_PREFIX"]
+           "photo_inputs", "check_opset", "ExportReport", "ExportError", "ExportVerificationError", "DEFAULT_OPSET",
+           "MIN_OPSET", "MAX_OPSET", "METADATA_PREFIX"]
 
 DEFAULT_OPSET = 18
 # keys of the preprocessing (PreprocessConfig fields) are stored bare; these carry the rest
 METADATA_PREFIX = "cpubone."
 
 
+# The TorchScript exporter writes opsets up to 20; Lowtention's scaled_dot_product_attention and the
+# HardSwish activations need 14.
+MIN_OPSET, MAX_OPSET = 14, 20
+
+
 class ExportVerificationError(ValueError):
     """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset outside ``MIN_OPSET``..``MAX_OPSET`` before any work, naming the range."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset {opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter: Python warnings, and the TorchScript graph dump (thousands of lines) that its
+    C++ logger writes straight to file descriptors 1 and 2 when a conversion fails."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exporter exception, shortened: the rest is often a dump of the graph."""
+    lines = str(e).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
 
 
 def export_onnx(
@@ -39,6 +81,7 @@ def export_onnx(
     dynamic: bool = False,
     opset: int = DEFAULT_OPSET,
     metadata: Optional[Dict[str, str]] = None,
+    name: Optional[str] = None,
 ) -> Path:
     """Export ``model`` (eval mode, batch 1, float32) to ``path`` with input ``input`` and output ``output``.
 
@@ -47,40 +90,48 @@ def export_onnx(
         dynamic: make batch, height and width symbolic so any size runs in ONNX Runtime.
         opset: ONNX opset.
         metadata: string key/values stored in the model's ``metadata_props``.
+        name: the model's name in error messages (default: its architecture).
 
     Uses the TorchScript exporter: it traces CPUBone's shape arithmetic into the graph, so a dynamic
     export stays correct at sizes other than the traced one (the inference form's size-dependent pads
     and crops are recorded unconditionally under ``shape_general``). The file is written atomically.
+    A model the exporter cannot convert raises ``ExportError`` with the exporter's reason in one line.
     """
     import onnx
 
+    from ..outputs import atomic_write
     from .reparam import shape_general
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_opset(opset)
+    name = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     was_training = model.training
     model.eval()
     in_chans = getattr(model, "in_chans", 3)
     x = torch.randn(1, in_chans, *input_size)
-    tmp = path.with_name(path.name + ".tmp")
     dynamic_axes = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}} if dynamic else None
+
+    def write(tmp: Path) -> None:
+        try:
+            with _quiet_exporter(), torch.no_grad(), shape_general(dynamic):
+                torch.onnx.export(
+                    model, (x,), str(tmp), input_names=["input"], output_names=["output"], opset_version=opset,
+                    dynamic_axes=dynamic_axes, dynamo=False, do_constant_folding=True,
+                )
+        except OSError:
+            raise  # the destination, not the model: atomic_write names the file
+        except Exception as e:  # the exporter raises many types (TypeError, RuntimeError, its own errors)
+            raise ExportError(f"{name}: ONNX export failed ({_reason(e)})") from e
+        if metadata:
+            proto = onnx.load(str(tmp))
+            for k, v in metadata.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = str(k), str(v)
+            onnx.save(proto, str(tmp))
+
     try:
-        with warnings.catch_warnings(), torch.no_grad(), shape_general(dynamic):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (x,), str(tmp), input_names=["input"], output_names=["output"], opset_version=opset,
-                dynamic_axes=dynamic_axes, dynamo=False, do_constant_folding=True,
-            )
+        return atomic_write(path, write)
     finally:
         model.train(was_training)
-    if metadata:
-        proto = onnx.load(str(tmp))
-        for k, v in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = str(k), str(v)
-        onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
-    return path
 
 
 # --- metadata -----------------------------------------------------------------------------------
@@ -145,6 +196,16 @@ def sample_photos(names: Sequence[str] = SKIMAGE_PHOTOS) -> List[Tuple[str, np.n
     return [(n, getattr(data, n)()) for n in names]
 
 
+def photo_inputs(cfg: PreprocessConfig, photos: Optional[Sequence[Tuple[str, ImageLike]]] = None
+                 ) -> List[Tuple[str, np.ndarray]]:
+    """Photos as model inputs ``("photo NAME", (1, C, H, W) float32)``: the shared decoder and eval preprocessing.
+
+    ``photos`` are (name, image file / PIL image / array) pairs; default ``sample_photos()``.
+    """
+    return [(f"photo {name}", preprocess(img, cfg, name)[None])
+            for name, img in (photos if photos is not None else sample_photos())]
+
+
 @dataclass
 class VerifyResult:
     """One comparison of ONNX Runtime against PyTorch."""
@@ -194,7 +255,7 @@ def verify_onnx(
     cfg: PreprocessConfig,
     dynamic: bool = False,
     tolerance: float = 1e-4,
-    photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None,
+    photos: Optional[Sequence[Tuple[str, ImageLike]]] = None,
     seed: int = 0,
 ) -> List[VerifyResult]:
     """Compare ONNX Runtime (``path``) with ``model`` in PyTorch on random inputs and on real photos.
@@ -211,8 +272,7 @@ def verify_onnx(
     inputs: List[Tuple[str, np.ndarray]] = []
     for h, w in _verify_sizes(cfg.input_size[1:], dynamic):
         inputs.append((f"random {h}x{w}", rng.standard_normal((1, cfg.input_size[0], h, w)).astype(np.float32)))
-    for name, img in (photos if photos is not None else sample_photos()):
-        inputs.append((f"photo {name}", preprocess(img, cfg, name)[None]))
+    inputs += photo_inputs(cfg, photos)
     results = []
     for name, x in inputs:
         with torch.no_grad():
@@ -234,6 +294,36 @@ def verify_onnx(
 
 
 # --- the deployment path ------------------------------------------------------------------------
+def load_trained(name: Optional[str], weights: Optional[Union[str, os.PathLike]]) -> Tuple[nn.Module, Optional[List[str]]]:
+    """A model built by ``name`` (default: the architecture saved with ``weights``) with ``weights``
+    loaded, and the class names saved with them (None if none were).
+
+    A ``save_pretrained`` folder or file brings its class count, model arguments and class names, for
+    timm models too (timm's factory would build 1000 classes and read no folder).
+    """
+    from ..models import create_model
+    from ..models.checkpoints import WEIGHTS_NAME, read_pretrained_config
+
+    saved: Dict[str, Any] = {}
+    source = weights
+    if weights is not None:
+        path = Path(weights)
+        if not path.exists():
+            raise FileNotFoundError(f"weights not found: {path}")
+        saved = read_pretrained_config(path) or {}
+        source = path / WEIGHTS_NAME if path.is_dir() and (path / WEIGHTS_NAME).is_file() else path
+    name = name or saved.get("model_name") or saved.get("architecture")
+    if not name:
+        raise ValueError(f"{weights}: no saved config names the architecture; give the model name")
+    kwargs = dict(saved.get("model_kwargs") or {})
+    if saved.get("num_classes"):
+        kwargs["num_classes"] = saved["num_classes"]
+    model = create_model(name, pretrained=source if source is not None else False, **kwargs)
+    labels = (saved.get("pretrained_cfg") or {}).get("label_names") or \
+        (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    return model, (list(labels) if labels else None)
+
+
 def export_model(
     model: Union[str, nn.Module],
     output: Union[str, os.PathLike],
@@ -268,13 +358,22 @@ def export_model(
     from ..models import CPUBone, create_model
     from .reparam import reparameterize
 
+    from ..outputs import check_output_file
+
     name = model if isinstance(model, str) else getattr(model, "pretrained_cfg", {}).get("architecture", "model")
+    check_opset(opset)
     if int8 and calib_dir is None:
-        raise ValueError("--int8 needs --calib DIR: a folder of images to calibrate the activation ranges on")
+        raise ValueError("int8 needs calibration images: pass calib_dir, a folder of images")
     if calib_dir is not None and not Path(calib_dir).is_dir():
         raise FileNotFoundError(f"calibration folder not found: {calib_dir}")
+    output = Path(output)
+    int8_output = (Path(int8_output) if int8_output else output.with_name(output.stem + ".int8.onnx")) if int8 else None
+    check_output_file(output)  # before the model is built and exported: fail in a second, not after minutes
+    if int8_output is not None:
+        check_output_file(int8_output)
     if isinstance(model, str):
-        model = create_model(model, pretrained=checkpoint if checkpoint is not None else False)
+        model, saved_labels = load_trained(model, checkpoint)
+        labels = labels if labels is not None else saved_labels
     elif checkpoint is not None:
         from ..models import load_checkpoint
 
@@ -290,8 +389,10 @@ def export_model(
     else:
         deploy_model = model  # a timm peer: exported as it is
     meta = model_metadata(model, input_size, name=name, labels=labels, dynamic=dynamic)
-    output = Path(output)
-    export_onnx(deploy_model, output, input_size, dynamic=dynamic, opset=opset, metadata=meta)
+    # float32 weights, plus about a quarter more for the int8 copy
+    need = 4 * sum(p.numel() for p in deploy_model.parameters()) * (5 if int8 else 4) // 4 + 2 ** 20
+    check_output_file(output, need_bytes=need)
+    export_onnx(deploy_model, output, input_size, dynamic=dynamic, opset=opset, metadata=meta, name=name)
     cfg = PreprocessConfig.from_metadata(meta)
     report = ExportReport(str(output), name, input_size, dynamic, opset, tolerance)
     if verify:
@@ -304,7 +405,6 @@ def export_model(
     if int8:
         from .quantize import quantize_onnx
 
-        int8_output = Path(int8_output) if int8_output else output.with_name(output.stem + ".int8.onnx")
         quantize_onnx(output, int8_output, calib_dir, exclude=int8_exclude, max_images=calib_count)
         report.int8_path = str(int8_output)
         report.int8_checks = compare_onnx(output, int8_output, cfg)
@@ -312,16 +412,15 @@ def export_model(
 
 
 def compare_onnx(reference: Union[str, os.PathLike], candidate: Union[str, os.PathLike], cfg: PreprocessConfig,
-                 photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None) -> List[VerifyResult]:
+                 photos: Optional[Sequence[Tuple[str, ImageLike]]] = None) -> List[VerifyResult]:
     """Two ONNX files on the same real photos: max abs difference and top-1 agreement (no tolerance)."""
     from ..engines.onnxruntime import ort_session
 
     ref_sess, cand_sess = ort_session(reference), ort_session(candidate)
     results = []
-    for name, img in (photos if photos is not None else sample_photos()):
-        x = preprocess(img, cfg, name)[None]
+    for name, x in photo_inputs(cfg, photos):
         a = ref_sess.run(None, {"input": x})[0]
         b = cand_sess.run(None, {"input": x})[0]
-        results.append(VerifyResult(f"photo {name}", tuple(x.shape), float(np.abs(a - b).max()),
+        results.append(VerifyResult(name, tuple(x.shape), float(np.abs(a - b).max()),
                                     float(np.abs(a).max()), bool((a.argmax(-1) == b.argmax(-1)).all())))
     return results

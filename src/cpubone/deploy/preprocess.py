@@ -1,7 +1,9 @@
 """Eval-time image preprocessing with numpy and Pillow only: the one definition shared by export
 verification, int8 calibration and the torch-free predictor.
 
-It reproduces timm's eval transform (``timm.data.create_transform(**resolve_data_config(model=m))``):
+Pixels come from the one image decoder, ``cpubone.images.decode_image`` (the same one training reads
+with: 16-bit and float images rescaled, transparency on white, EXIF orientation applied). The rest
+reproduces timm's eval transform (``timm.data.create_transform(**resolve_data_config(model=m))``):
 resize (Pillow, the model's interpolation) so that the crop is ``crop_pct`` of the resized image, center
 crop, scale to [0, 1], normalize by mean and std. Pillow does the resizing in both, so the results agree
 to float32 rounding. No torch import here: this module is used where torch is not installed.
@@ -12,16 +14,15 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Tuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-__all__ = ["PreprocessConfig", "load_image", "to_model_mode", "preprocess", "preprocess_batch", "list_images",
-           "IMAGE_EXTENSIONS"]
+from ..images import ImageSource as ImageLike
+from ..images import decode_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+__all__ = ["PreprocessConfig", "to_model_mode", "preprocess", "preprocess_batch"]
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -31,8 +32,6 @@ _INTERPOLATION = {
     "hamming": Image.Resampling.HAMMING,
     "lanczos": Image.Resampling.LANCZOS,
 }
-
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 @dataclass
@@ -100,56 +99,13 @@ class PreprocessConfig:
         return tuple(math.floor(s / self.crop_pct) for s in self.input_size[1:])
 
 
-def list_images(folder: Union[str, os.PathLike]) -> List[Path]:
-    """Image files (by extension) under ``folder``, recursively, sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open an image file fully; raises FileNotFoundError / ValueError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy() if img.mode != "P" else img.convert("RGBA")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-
-
-def to_model_mode(image: Union[Image.Image, np.ndarray], channels: int, name: str = "image") -> Image.Image:
-    """The image as a Pillow image with the model's channel count (RGB for 3, L for 1).
-
-    Grayscale, palette, gray+alpha, RGBA and CMYK images convert the way timm's loaders do
-    (``.convert('RGB')``; alpha is dropped). Arrays must be (H, W) or (H, W, C) with C in 1, 3, 4 and
-    dtype uint8; anything else is an error naming the shape.
-    """
+def to_model_mode(image: ImageLike, channels: int, name: str = "image") -> Image.Image:
+    """The image decoded by ``cpubone.images.decode_image`` in the model's channel count (RGB for 3, L for 1)."""
     if channels not in (1, 3):
         raise ValueError(f"model expects {channels} input channels: only 1 (grayscale) or 3 (RGB) images are supported")
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-            raise ValueError(f"{name}: array of shape {tuple(image.shape)} is not an image with 1, 3 or 4 channels "
-                             f"(expected (H, W) or (H, W, C))")
-        if arr.dtype != np.uint8:
-            raise ValueError(f"{name}: array dtype {arr.dtype}: expected uint8 pixels (0-255)")
-        image = Image.fromarray(arr)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"{name}: expected a path, a PIL image or a numpy array, got {type(image).__name__}")
-    target = "RGB" if channels == 3 else "L"
-    if image.mode == target:
-        return image
-    try:
-        return image.convert(target)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{name}: cannot convert a {image.mode!r} image ({len(image.getbands())} channels) "
-                         f"to {target} for a {channels}-channel model: {e}") from e
+    rgb = decode_image(image, name)
+    # equal R, G, B (a decoded grayscale image) give back exactly that gray: Pillow's luma weights sum to 1
+    return rgb if channels == 3 else rgb.convert("L")
 
 
 def _resize_size(width: int, height: int, cfg: PreprocessConfig) -> Tuple[int, int]:
@@ -183,7 +139,6 @@ def preprocess(image: ImageLike, cfg: PreprocessConfig, name: str = "image") -> 
     """One image -> float32 array (channels, height, width), as timm's eval transform would make it."""
     if isinstance(image, (str, os.PathLike)):
         name = str(image)
-        image = load_image(image)
     channels, height, width = cfg.input_size
     img = to_model_mode(image, channels, name)
     new_w, new_h = _resize_size(img.width, img.height, cfg)

@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
-
-from .preprocess import PreprocessConfig, list_images, load_image, preprocess
+from ..images import ImageDecodeError, list_images
+from ..outputs import atomic_write
+from .preprocess import PreprocessConfig, preprocess
 
 __all__ = ["quantize_onnx", "exclusion_groups", "EXCLUDE_GROUPS"]
 
@@ -80,9 +81,9 @@ class _ImageReader:
         self.skipped: List[str] = []
         for f in files:
             try:
-                self.batches.append({input_name: preprocess(load_image(f), cfg, str(f))[None]})
-            except ValueError as e:  # corrupt or unconvertible images are skipped and counted
-                self.skipped.append(f"{f}: {e}")
+                self.batches.append({input_name: preprocess(f, cfg)[None]})
+            except (ImageDecodeError, FileNotFoundError) as e:  # corrupt images are skipped and counted
+                self.skipped.append(str(e))  # the message names the file
         self._it = iter(self.batches)
 
     def get_next(self):
@@ -179,7 +180,5 @@ def quantize_onnx(
         for k, v in dict(meta, **{"cpubone.int8": "true", "cpubone.int8_excluded": ",".join(items)}).items():
             e = qproto.metadata_props.add()
             e.key, e.value = k, v
-        tmp_out = output.with_name(output.name + ".tmp")
-        onnx.save(qproto, str(tmp_out))
-        os.replace(tmp_out, output)
+        atomic_write(output, lambda tmp_out: onnx.save(qproto, str(tmp_out)))
     return output

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .onnx import ExportReport, ExportVerificationError, VerifyResult, sample_photos
-from .preprocess import PreprocessConfig, preprocess
+from ..outputs import atomic_write, check_output_file
+from .onnx import ExportReport, ExportVerificationError, VerifyResult, photo_inputs
+from .preprocess import PreprocessConfig
 
 __all__ = ["export_tflite", "export_tflite_model", "litert_interpreter", "measure_litert"]
 
@@ -35,14 +36,9 @@ def _require(module: str):
 def export_tflite(model: nn.Module, path: Union[str, os.PathLike], input_size: Tuple[int, int] = (224, 224)) -> Path:
     """Convert ``model`` (eval, batch 1, float32, fixed size) to a .tflite file with litert-torch."""
     litert_torch = _require("litert_torch")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     x = torch.randn(1, getattr(model, "in_chans", 3), *input_size)
-    tmp = path.with_name(path.name + ".tmp")
-    litert_torch.convert(model, (x,)).export(str(tmp))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: litert_torch.convert(model, (x,)).export(str(tmp)))
 
 
 def litert_interpreter(path: Union[str, os.PathLike], threads: int = 1):
@@ -86,6 +82,7 @@ def export_tflite_model(model: Union[str, nn.Module], output: Union[str, os.Path
 
     name = model if isinstance(model, str) else type(model).__name__
     _require("litert_torch")
+    check_output_file(output)  # before the conversion, which takes minutes
     if isinstance(model, str):
         model = create_model(model, pretrained=checkpoint if checkpoint is not None else False)
     model.eval()
@@ -98,7 +95,7 @@ def export_tflite_model(model: Union[str, nn.Module], output: Union[str, os.Path
     cfg = PreprocessConfig.from_data_config(data_cfg)
     it = litert_interpreter(output)
     inputs = [("random", np.random.default_rng(0).standard_normal((1, cfg.input_size[0], *input_size)).astype(np.float32))]
-    inputs += [(f"photo {n}", preprocess(img, cfg, n)[None]) for n, img in sample_photos()]
+    inputs += photo_inputs(cfg)
     report = ExportReport(str(output), name, tuple(input_size), False, 0, tolerance)
     for label, x in inputs:
         with torch.no_grad():

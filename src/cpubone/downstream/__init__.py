@@ -14,6 +14,7 @@ _LAZY = {
     "ConfusionMatrix": ".metrics", "coco_detection_metrics": ".metrics",
     "SemanticFPN": ".segmentation", "create_semantic_fpn": ".segmentation",
     "DETECTION_PRESETS": ".presets", "SEGMENTATION_PRESETS": ".presets",
+    "class_colors": ".visualize", "draw_detections": ".visualize", "draw_segmentation": ".visualize",
 }
 
 __all__ = sorted(_LAZY)

@@ -8,9 +8,14 @@ Formats, exactly as the public datasets ship them:
   255 is ignored.
 
 Augmentations use ``torchvision.transforms.v2`` with ``tv_tensors`` so boxes and masks follow the image
-through resize, crop and flip. Annotations are checked when read: a bad box, an undeclared category, a
-missing file or a mask value out of range raises ``AnnotationError`` naming the file and the annotation.
-Images that exist but cannot be decoded are skipped and counted (``collate_skip`` drops them).
+through resize, crop and flip. Annotations are checked when the dataset is opened, so a bad file stops a run
+before its first step, not when a sampler happens to draw it: a bad box, an undeclared category, a duplicate
+id, a missing file, an unreadable mask, a mask of the wrong mode or size raise ``AnnotationError`` naming the
+file and the annotation (mask headers only are read then; PIL decodes lazily). Mask values out of range need
+the decoded pixels and are checked when a mask is read. Images are read by the shared decoder
+(``cpubone.images.decode_image``: EXIF orientation applied, so annotations and masks refer to the upright
+image; an image whose size disagrees with its annotation raises ``AnnotationError``). Images that exist but
+cannot be decoded are skipped and counted (``collate_skip`` drops them); masks are read as stored.
 """
 from __future__ import annotations
 
@@ -26,16 +31,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from ..images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, exif_orientation, open_image
 
 __all__ = [
     "AnnotationError", "CocoDetection", "SegmentationFolder", "detection_transforms", "segmentation_transforms",
     "collate_skip", "SYNTHETIC_CLASSES", "synthetic_scene", "write_synthetic_coco", "write_synthetic_ade",
-    "IMAGE_EXTENSIONS",
 ]
 
 PathLike = Union[str, os.PathLike]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IGNORE_INDEX = 255
 # boxes may overhang the image by rounding; COCO's own annotations do by up to ~1 px
 BOX_TOLERANCE_PX = 1.0
@@ -46,13 +51,22 @@ class AnnotationError(ValueError):
 
 
 def _load_rgb(path: Path) -> Optional[Image.Image]:
-    """The image as RGB, or None (with a warning) when the file exists but cannot be decoded."""
+    """The image from the shared decoder, or None (with a warning) when the file cannot be decoded."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        warnings.warn(f"skipping unreadable image {path}: {e}")
+        return decode_image(path)
+    except (ImageDecodeError, FileNotFoundError) as e:  # FileNotFoundError: deleted since the check
+        warnings.warn(f"skipping unreadable image: {e}")
         return None
+
+
+def _size_mismatch(what: str, path: Path, size: Tuple[int, int], expected: Tuple[int, int]) -> str:
+    """Message for an image whose decoded (EXIF-oriented) size is not the one its annotation refers to."""
+    msg = f"{what} is {expected[0]}x{expected[1]} but image {path.name} is {size[0]}x{size[1]}"
+    orientation = exif_orientation(path)
+    if orientation != 1:
+        msg += (f" after applying its EXIF orientation (tag {orientation}); annotations refer to the upright "
+                f"image as viewers show it: annotate that, or remove the tag")
+    return msg
 
 
 # --- COCO detection ---------------------------------------------------------------------------
@@ -112,9 +126,13 @@ class CocoDetection(torch.utils.data.Dataset):
         from torchvision import tv_tensors
 
         info = self.coco.imgs[self.ids[index]]
-        img = _load_rgb(self.image_dir / info["file_name"])
+        path = self.image_dir / info["file_name"]
+        img = _load_rgb(path)
         if img is None:
             return None
+        if img.size != (info["width"], info["height"]):  # the boxes would not lie where they were drawn
+            raise AnnotationError(f"{self.ann_file}: " + _size_mismatch(
+                f"image id {info['id']}'s width x height", path, img.size, (info["width"], info["height"])))
         t = self.target(index)
         image = tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         t["boxes"] = tv_tensors.BoundingBoxes(t["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
@@ -124,15 +142,35 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def _validate_coco(data: Dict[str, Any], ann_file: Path, image_dir: Path) -> None:
-    cats = {c["id"] for c in data["categories"]}
+    cats: Dict[Any, str] = {}
+    for c in data["categories"]:
+        if "id" not in c or "name" not in c:
+            raise AnnotationError(f"{ann_file}: category entry {c!r} lacks 'id' or 'name'")
+        if c["id"] in cats:
+            raise AnnotationError(f"{ann_file}: duplicate category id {c['id']!r} ({cats[c['id']]!r} and {c['name']!r})")
+        cats[c["id"]] = c["name"]
     if not cats:
         raise AnnotationError(f"{ann_file}: no categories declared")
+    # class names key the per-class tables and colour the pictures: two classes must not share one
+    names = sorted(cats.values())
+    twice = sorted({n for a, n in zip(names, names[1:]) if a == n})
+    if twice:
+        raise AnnotationError(f"{ann_file}: duplicate category name {twice[0]!r} (ids "
+                              f"{sorted(i for i, n in cats.items() if n == twice[0])})")
+    if not data["images"]:
+        raise AnnotationError(f"{ann_file}: 'images' is empty")
+    if not data["annotations"]:
+        warnings.warn(f"{ann_file}: 'annotations' is empty: no object to learn from or to score")
     images: Dict[int, Dict[str, Any]] = {}
     missing: List[str] = []
     for im in data["images"]:
         for key in ("id", "file_name", "width", "height"):
             if key not in im:
                 raise AnnotationError(f"{ann_file}: image entry {im.get('id', im)!r} lacks {key!r}")
+        if im["id"] in images:
+            # pycocotools would keep the last entry and pin the first file's boxes onto it
+            raise AnnotationError(f"{ann_file}: duplicate image id {im['id']!r} "
+                                  f"({images[im['id']]['file_name']} and {im['file_name']})")
         images[im["id"]] = im
         if not (image_dir / im["file_name"]).is_file():
             missing.append(im["file_name"])
@@ -140,8 +178,14 @@ def _validate_coco(data: Dict[str, Any], ann_file: Path, image_dir: Path) -> Non
         raise AnnotationError(
             f"{ann_file}: {len(missing)} image file(s) listed but not found under {image_dir}: "
             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    for a in data["annotations"]:
-        aid = a.get("id", "?")
+    ann_ids: set = set()
+    for i, a in enumerate(data["annotations"]):
+        if "id" not in a:  # pycocotools indexes annotations by id
+            raise AnnotationError(f"{ann_file}: annotation #{i} (image_id {a.get('image_id')!r}) lacks 'id'")
+        aid = a["id"]
+        if aid in ann_ids:  # COCOeval matches detections to ground truth by annotation id
+            raise AnnotationError(f"{ann_file}: duplicate annotation id {aid!r}")
+        ann_ids.add(aid)
         where = f"{ann_file}: annotation id {aid}"
         if a.get("image_id") not in images:
             raise AnnotationError(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
@@ -173,10 +217,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
         reduce_zero_label: map label 0 ("other") to ignore and shift the rest down by one, as ADE20K's
             150-class benchmark does.
         transforms: a v2 transform called as ``transforms(image, mask)``.
+        classes: the class names (``num_classes`` of them). Default: ``root/classes.json`` (a list naming
+            every mask value from 0, so its first name is dropped with ``reduce_zero_label``), else "0", "1"...
+
+    Every mask is opened when the dataset is (header only, no decoding): a file that is not an image, a
+    mask that is not single-channel, or one whose size differs from its image raises ``AnnotationError``.
     """
 
     def __init__(self, root: PathLike, split: str, num_classes: int, reduce_zero_label: bool = False,
-                 transforms: Optional[Callable] = None, ignore_index: int = IGNORE_INDEX) -> None:
+                 transforms: Optional[Callable] = None, ignore_index: int = IGNORE_INDEX,
+                 classes: Optional[Sequence[str]] = None) -> None:
         self.root = Path(root)
         self.image_dir = self.root / "images" / split
         self.mask_dir = self.root / "annotations" / split
@@ -203,6 +253,36 @@ class SegmentationFolder(torch.utils.data.Dataset):
         if not images:
             raise AnnotationError(f"{self.image_dir}: no images found")
         self.samples: List[Tuple[Path, Path]] = [(images[s], masks[s]) for s in sorted(images)]
+        self.classes: List[str] = self._class_names(classes)
+        for image_path, mask_path in self.samples:
+            _check_mask_header(image_path, mask_path)
+
+    def _class_names(self, classes: Optional[Sequence[str]]) -> List[str]:
+        if classes is not None:
+            names, source = [str(c) for c in classes], "classes"
+        else:
+            path = self.root / "classes.json"
+            if not path.is_file():
+                return [str(k) for k in range(self.num_classes)]
+            try:
+                names = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise AnnotationError(f"{path}: not valid JSON: {e}") from e
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise AnnotationError(f"{path}: must be a JSON list of class names (mask value 0 first)")
+            source = str(path)
+            expect = self.num_classes + (1 if self.reduce_zero_label else 0)
+            if len(names) != expect:
+                raise AnnotationError(
+                    f"{path}: lists {len(names)} names; {self.num_classes} classes need {expect}"
+                    + (" (label 0 first, dropped by reduce_zero_label)" if self.reduce_zero_label else ""))
+            names = names[1:] if self.reduce_zero_label else names
+        if len(names) != self.num_classes:
+            raise ValueError(f"{source}: {len(names)} names for {self.num_classes} classes")
+        if len(set(names)) != len(names):
+            raise AnnotationError(f"{source}: class names repeat: "
+                                  f"{sorted({n for n in names if names.count(n) > 1})}")
+        return names
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -210,10 +290,12 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def read_mask(self, index: int) -> np.ndarray:
         """Label map (H, W) int64 after reduction, checked against ``num_classes`` and ``ignore_index``."""
         path = self.samples[index][1]
-        with Image.open(path) as m:
-            if m.mode not in ("L", "P", "I", "I;16"):
-                raise AnnotationError(f"{path}: mask must be a single-channel index PNG, got mode {m.mode}")
-            mask = np.asarray(m).astype(np.int64)
+        try:
+            m = open_image(path)  # as stored: a label map is never rescaled, composited or turned
+        except ImageDecodeError as e:
+            raise AnnotationError(str(e)) from e
+        _check_mask_mode(path, m)
+        mask = np.asarray(m).astype(np.int64)
         if self.reduce_zero_label:
             was_ignored = mask == self.ignore_index
             mask = mask - 1  # 0 ("other") -> -1 -> ignore, k -> k-1
@@ -234,13 +316,48 @@ class SegmentationFolder(torch.utils.data.Dataset):
             return None
         mask = self.read_mask(index)
         if mask.shape != (img.height, img.width):
-            raise AnnotationError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {img_path.name} "
-                                  f"is {img.width}x{img.height}")
+            raise AnnotationError(f"{mask_path}: " + _size_mismatch("mask", img_path, img.size, mask.shape[::-1]))
         image = tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         target = tv_tensors.Mask(torch.from_numpy(mask))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+
+MASK_MODES = ("L", "P", "I", "I;16")  # single-channel index images; the values are the labels
+
+
+def _check_mask_mode(path: Path, mask: Image.Image) -> None:
+    if mask.mode not in MASK_MODES:
+        hint = " (a colour-coded mask? index masks hold one class number per pixel)" if mask.mode in ("RGB", "RGBA") else ""
+        raise AnnotationError(f"{path}: mask mode is {mask.mode}, expected a single-channel index PNG "
+                              f"({', '.join(MASK_MODES)}){hint}")
+
+
+def _open_mask(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except (OSError, SyntaxError, ValueError) as e:
+        why = ("not an image file PIL can identify" if isinstance(e, UnidentifiedImageError)
+               else str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise AnnotationError(f"{path}: not a readable mask image ({why})") from e
+
+
+def _check_mask_header(image_path: Path, mask_path: Path) -> None:
+    """Mode and size of a mask against its image, from the file headers (``Image.open`` decodes nothing)."""
+    with _open_mask(mask_path) as m:
+        _check_mask_mode(mask_path, m)
+        mask_size = m.size
+    try:
+        with Image.open(image_path) as im:
+            image_size = im.size
+            if exif_orientation(im) >= 5:  # decode_image turns the image upright: 5-8 swap width and height
+                image_size = image_size[::-1]
+    except (OSError, SyntaxError, ValueError):
+        return  # an unreadable image is skipped (with a warning) when drawn; its mask is never used
+    if mask_size != image_size:
+        raise AnnotationError(f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but image {image_path.name} "
+                              f"is {image_size[0]}x{image_size[1]}")
 
 
 # --- augmentations -----------------------------------------------------------------------------

@@ -116,19 +116,50 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
     return atomic_torch_save(state, path)
 
 
+_TASK_NAMES = {"detect": "detection", "segment": "segmentation"}
+
+
+def _describe_foreign(state: Any) -> str:
+    """What a checkpoint that is not a detect/segment one holds, in words for an error message."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a checkpoint dictionary"
+    cfg = state.get("config")  # cpubone train's config, parsed from its JSON text by _read_checkpoint
+    cfg = cfg if isinstance(cfg, dict) else {}
+    name = state.get("model_name") or cfg.get("model")
+    if name:
+        n = state.get("num_classes") or cfg.get("num_classes")
+        return f"is an image-classification checkpoint ({name}{f', {n} classes' if n else ''}; from cpubone train)"
+    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"holds bare weights (a state dict of {len(state)} tensors) without the model's config"
+    return f"is not a cpubone detect/segment checkpoint (keys: {', '.join(map(str, list(state)[:6]))})"
+
+
 def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
     from ..models.checkpoints import CheckpointError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip (old versions: a pickle)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file (corrupt, or another format)")
     try:
         # weights_only: tensors and plain containers only, no pickled code is run
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint safely (corrupt, or holds pickled objects): {e}") from e
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{path}: not a cpubone detect/segment checkpoint (needs 'model' and 'config')")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Weights only load failed" in why:
+            why = "it holds pickled Python objects, which are not loaded for safety"
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({why})") from e
+    if isinstance(state, dict) and isinstance(state.get("config"), str):  # a config stored as JSON text
+        try:
+            state["config"] = json.loads(state["config"])
+        except json.JSONDecodeError:
+            state["config"] = None  # not JSON, so not ours: described below
+    if not (isinstance(state, dict) and "model" in state and isinstance(state.get("config"), dict)
+            and state["config"].get("task") in _TASK_NAMES):
+        raise CheckpointError(f"{path}: {_describe_foreign(state)}")
     return state
 
 
@@ -266,7 +297,8 @@ def train_detection(cfg: DetectionTrainConfig, log: Log = print) -> Dict[str, An
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, dataset: CocoDetection, batch_size: int = 4,
                        workers: int = 0) -> Dict[str, Any]:
-    """COCO box metrics of ``model`` on ``dataset`` (AP, AP50, AP75, APs, APm, APl) plus the skipped-image count.
+    """COCO box metrics of ``model`` on ``dataset`` (AP, AP50, AP75, APs, APm, APl, per-class AP keyed by
+    category name) plus the skipped-image count.
 
     Unreadable images are left out of the evaluation (and counted), not scored as misses.
     """
@@ -398,12 +430,13 @@ def segment_image(model: nn.Module, image: torch.Tensor, base_size: Optional[int
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, dataset: SegmentationFolder,
                           base_size: Optional[int] = None) -> Dict[str, Any]:
-    """mIoU, aAcc, mAcc and per-class IoU of ``model`` on ``dataset`` against the original-size masks."""
+    """mIoU, aAcc, mAcc and per-class IoU ({class name: IoU}) of ``model`` on ``dataset`` against the
+    original-size masks."""
     if dataset.transforms is not None:
         raise ValueError("evaluate_segmentation needs a dataset without transforms (it compares at the original size)")
     was_training = model.training
     model.eval()
-    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, classes=getattr(dataset, "classes", None))
     skipped = 0
     for i in range(len(dataset)):
         item = dataset[i]
@@ -417,75 +450,86 @@ def evaluate_segmentation(model: nn.Module, dataset: SegmentationFolder,
 
 
 # --- loading and prediction ---------------------------------------------------------------------
-def load_downstream_model(path: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild a trained detector or segmenter from a ``cpubone detect/segment train`` checkpoint (eval mode)."""
+def _checkpoint_file(path: Path) -> Path:
+    """A run folder stands for its ``model.pt`` (else ``last.pt``); other folders are named for what they are."""
+    if not path.is_dir():
+        return path
+    for name in ("model.pt", "last.pt"):
+        if (path / name).is_file():
+            return path / name
     from ..models.checkpoints import CheckpointError
 
-    state = _read_checkpoint(path)
+    if (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{path}: a saved image classifier (model.safetensors), not a detect/segment "
+                              f"checkpoint")
+    raise CheckpointError(f"{path}: a folder without model.pt or last.pt")
+
+
+def load_downstream_model(path: PathLike, task: Optional[str] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a trained detector or segmenter from a ``cpubone detect/segment train`` checkpoint (eval mode).
+
+    Args:
+        path: ``model.pt`` or ``last.pt``, or the run folder holding them.
+        task: "detect" or "segment" to insist on one; anything else (a classifier's checkpoint, the other
+            task's) raises ``CheckpointError`` saying what the file is and what was expected.
+    """
+    from ..models.checkpoints import CheckpointError
+
+    if task not in (None, *_TASK_NAMES):
+        raise ValueError(f"task={task!r}: expected 'detect' or 'segment'")
+    wanted = (f"; expected a {_TASK_NAMES[task]} checkpoint (model.pt or last.pt from cpubone {task} train)"
+              if task else "; expected model.pt or last.pt from cpubone detect/segment train")
+    try:
+        path = _checkpoint_file(Path(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{wanted}") from e
+    if path.is_file() and path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: a safetensors weights file (a saved classifier), not a detect/segment "
+                              f"checkpoint{wanted}")
+    try:
+        state = _read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{wanted}") from e
     c = state["config"]
-    if c.get("task") == "detect":
+    kind = c["task"]
+    if task and kind != task:
+        raise CheckpointError(f"{path}: a {_TASK_NAMES[kind]} checkpoint ({c['backbone']}), not a "
+                              f"{_TASK_NAMES[task]} one{wanted}")
+    if kind == "detect":
         model = create_retinanet(c["backbone"], c["num_classes"], fpn_channels=c["fpn_channels"],
                                  head_norm=c.get("head_norm", False), min_size=c["min_size"], max_size=c["max_size"])
-    elif c.get("task") == "segment":
+    else:
         model = create_semantic_fpn(c["backbone"], c["num_classes"], fpn_channels=c["fpn_channels"],
                                     channels=c["head_channels"])
-    else:
-        raise CheckpointError(f"{path}: config has no task 'detect' or 'segment'")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {c['backbone']} ({e})") from e
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]  # line 0 only says "Error(s) in loading"
+        raise CheckpointError(f"{path}: weights do not fit {c['backbone']} ({why})") from e
     return model.eval(), c
 
 
 def _read_image(path: PathLike) -> torch.Tensor:
-    from PIL import Image
+    """(3, H, W) uint8 from the shared decoder, as the datasets read their images."""
+    from ..images import decode_image
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB")).copy()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot decode the image: {e}") from e
-    return torch.from_numpy(arr).permute(2, 0, 1)
-
-
-def _save_png(img: torch.Tensor, path: PathLike) -> Path:
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path, format="PNG")
-    return path
-
-
-def _palette(n: int) -> List[Tuple[int, int, int]]:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    return [tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i in range(n)]
+    return torch.from_numpy(np.asarray(decode_image(path)).copy()).permute(2, 0, 1)
 
 
 @torch.no_grad()
 def predict_detection(checkpoint: PathLike, image: PathLike, output: PathLike,
                       score_thresh: float = 0.3) -> List[Dict[str, Any]]:
-    """Detect objects in ``image`` and write a PNG with the boxes drawn; returns the kept detections."""
-    from torchvision.utils import draw_bounding_boxes
+    """Detect objects in ``image`` and write a PNG with the boxes and labelled tags drawn
+    (``visualize.draw_detections``); returns the kept detections, boxes in the image's pixels."""
+    from .visualize import draw_detections, save_png
 
-    model, c = load_downstream_model(checkpoint)
-    if c["task"] != "detect":
-        raise ValueError(f"{checkpoint}: a {c['task']} checkpoint, not a detection one")
+    model, c = load_downstream_model(checkpoint, task="detect")
     img = _read_image(image)
     model.score_thresh = min(model.score_thresh, score_thresh)  # RetinaNet's own candidate threshold (0.05)
     det = model([img.float() / 255])[0]
     keep = det["scores"] >= score_thresh
     boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
-    names = [f"{c['classes'][int(l)]} {float(s):.2f}" for l, s in zip(labels, scores)]
-    colours = _palette(c["num_classes"])
-    drawn = draw_bounding_boxes(img, boxes, labels=names, colors=[colours[int(l)] for l in labels], width=2)
-    _save_png(drawn, output)
+    save_png(draw_detections(img.numpy(), boxes.tolist(), labels.tolist(), c["classes"], scores.tolist()), output)
     return [{"label": c["classes"][int(l)], "score": round(float(s), 4), "box_xyxy": [round(v, 1) for v in b.tolist()]}
             for b, s, l in zip(boxes, scores, labels)]
 
@@ -493,16 +537,16 @@ def predict_detection(checkpoint: PathLike, image: PathLike, output: PathLike,
 @torch.no_grad()
 def predict_segmentation(checkpoint: PathLike, image: PathLike, output: PathLike,
                          alpha: float = 0.5) -> Dict[str, float]:
-    """Segment ``image`` and write a PNG with the coloured class mask over it; returns each class's pixel share."""
-    from torchvision.utils import draw_segmentation_masks
+    """Segment ``image`` and write a PNG with the classes tinted and outlined and a legend
+    (``visualize.draw_segmentation``); returns each class's pixel share, largest first."""
+    from .visualize import draw_segmentation, save_png
 
-    model, c = load_downstream_model(checkpoint)
-    if c["task"] != "segment":
-        raise ValueError(f"{checkpoint}: a {c['task']} checkpoint, not a segmentation one")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha}: the mask opacity must be in [0, 1]")
+    model, c = load_downstream_model(checkpoint, task="segment")
     img = _read_image(image)
-    pred = segment_image(model, img.float() / 255, c.get("base_size"))
-    masks = torch.stack([pred == k for k in range(c["num_classes"])])
-    drawn = draw_segmentation_masks(img, masks, alpha=alpha, colors=_palette(c["num_classes"]))
-    _save_png(drawn, output)
-    total = pred.numel()
-    return {c["classes"][k]: round(float(masks[k].sum()) / total, 4) for k in range(c["num_classes"]) if masks[k].any()}
+    pred = segment_image(model, img.float() / 255, c.get("base_size")).numpy()
+    save_png(draw_segmentation(img.numpy(), pred, c["classes"], alpha=alpha), output)
+    ids, counts = np.unique(pred, return_counts=True)
+    return {c["classes"][int(k)]: round(float(n) / pred.size, 4)
+            for k, n in sorted(zip(ids, counts), key=lambda t: -t[1])}

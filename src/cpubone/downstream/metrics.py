@@ -26,15 +26,16 @@ def detections_to_coco(image_id: int, boxes: torch.Tensor, scores: torch.Tensor,
 
 
 def coco_detection_metrics(coco_gt, results: List[Dict[str, Any]],
-                           image_ids: Optional[Sequence[int]] = None) -> Dict[str, float]:
-    """COCO box AP, AP50, AP75, APs, APm, APl of ``results`` against the ``pycocotools.coco.COCO`` ground truth.
+                           image_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """COCO box AP, AP50, AP75, APs, APm, APl of ``results`` against the ``pycocotools.coco.COCO`` ground truth,
+    and ``per_class_AP``: {category name: AP} (IoU 0.50:0.95, all areas, as in detectron2's per-category table).
 
     Args:
         results: COCO result entries (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``).
         image_ids: evaluate only these images (default: all images of ``coco_gt``).
 
-    Values are in [0, 1]; an area range without any ground-truth object gives -1 (pycocotools' convention).
-    No detections at all gives 0 for every range that has objects.
+    Values are in [0, 1]; an area range without any ground-truth object gives -1 (pycocotools' convention),
+    a category without any ground-truth object NaN. No detections at all gives 0 wherever there are objects.
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -54,20 +55,32 @@ def coco_detection_metrics(coco_gt, results: List[Dict[str, Any]],
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: float(v) for k, v in zip(COCO_STATS, ev.stats[:6])}
+    out: Dict[str, Any] = {k: float(v) for k, v in zip(COCO_STATS, ev.stats[:6])}
+    # precision: [IoU thresholds, recall points, categories, area ranges, max detections]; -1 = no ground truth
+    precision = ev.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k]
+        per_class[coco_gt.cats[cat_id]["name"]] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    out["per_class_AP"] = per_class
+    return out
 
 
 class ConfusionMatrix:
     """Pixel confusion matrix over ``num_classes`` (rows: ground truth, columns: prediction).
 
     Pixels whose ground truth is ``ignore_index`` are not counted. ``compute()`` gives mmseg's metrics:
-    per-class IoU = TP / (TP + FP + FN), mIoU = mean over classes that occur in the ground truth or the
-    prediction (a class absent from both has no IoU), aAcc = pixel accuracy, mAcc = mean per-class recall.
+    per-class IoU = TP / (TP + FP + FN) as ``IoU`` = {class name: IoU} (NaN for a class absent from both
+    ground truth and prediction), mIoU = mean over the classes that have an IoU, aAcc = pixel accuracy,
+    mAcc = mean per-class recall. ``classes`` names the classes (default "0", "1", ...).
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, classes: Optional[Sequence[str]] = None) -> None:
+        if classes is not None and (len(classes) != num_classes or len(set(classes)) != num_classes):
+            raise ValueError(f"classes: need {num_classes} distinct names, got {list(classes)[:10]}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.classes: List[str] = list(classes) if classes is not None else [str(k) for k in range(num_classes)]
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -97,5 +110,5 @@ class ConfusionMatrix:
             "mIoU": float(np.nanmean(iou.numpy())) if (union > 0).any() else float("nan"),
             "aAcc": float(tp.sum() / total) if total > 0 else float("nan"),
             "mAcc": float(np.nanmean(acc.numpy())) if (gt > 0).any() else float("nan"),
-            "IoU": iou.tolist(),
+            "IoU": dict(zip(self.classes, iou.tolist())),
         }

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-__all__ = ["PRECISIONS", "Engine", "Runner", "EngineError", "MissingExtraError", "check_threads"]
+__all__ = ["PRECISIONS", "Engine", "Runner", "EngineError", "ExportError", "MissingExtraError", "check_threads"]
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -25,6 +25,10 @@ PathLike = Union[str, os.PathLike]
 
 class EngineError(ValueError):
     """A runtime cannot do what was asked (precision, input, file); the message names the problem."""
+
+
+class ExportError(EngineError):
+    """The exporter could not convert the model; the message names the model and the exporter's reason."""
 
 
 class MissingExtraError(EngineError):

@@ -26,10 +26,16 @@ def export_onnx(model, path, input_size=(224, 224), **kwargs) -> Path:
 
 def ort_session(path: Union[str, os.PathLike], threads: int = 1, enable_profiling: bool = False,
                 optimized_model_path: Optional[str] = None, profile_prefix: Optional[str] = None):
-    """An ONNX Runtime CPU session with pinned thread counts and all graph optimizations on."""
+    """An ONNX Runtime CPU session with pinned thread counts and all graph optimizations on.
+
+    ``enable_profiling`` needs ``profile_prefix`` (a path prefix for the trace file): ONNX Runtime would
+    otherwise write it into the current directory.
+    """
     import onnxruntime as ort
 
     check_threads(threads)
+    if enable_profiling and not profile_prefix:
+        raise ValueError("profiling needs profile_prefix: where ONNX Runtime writes its trace file")
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -37,7 +43,7 @@ def ort_session(path: Union[str, os.PathLike], threads: int = 1, enable_profilin
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_profiling = enable_profiling
     if profile_prefix:
-        so.profile_file_prefix = profile_prefix
+        so.profile_file_prefix = str(profile_prefix)
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
     try:

@@ -16,7 +16,7 @@ import numpy as np
 from .base import EngineError, Runner
 
 __all__ = ["Check", "Agreement", "EngineVerificationError", "SKIMAGE_PHOTOS", "sample_photos",
-           "verification_inputs", "check_outputs", "verify_fp32", "agreement"]
+           "verification_inputs", "photo_samples", "check_outputs", "verify_fp32", "agreement"]
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 
@@ -73,6 +73,16 @@ def verification_inputs(cfg, photos: Optional[Sequence[Tuple[str, np.ndarray]]] 
     for name, img in (photos if photos is not None else sample_photos()):
         inputs.append((f"photo {name}", preprocess(img, cfg, name)[None]))
     return inputs
+
+
+def photo_samples(data_config: Dict[str, object], n: int = 8) -> List[np.ndarray]:
+    """Up to ``n`` (1, C, H, W) samples for calibrating a timing run: the scikit-image photos and their
+    mirror images through the eval preprocessing of timm's ``data_config`` (``resolve_data_config``)."""
+    from ..deploy.preprocess import PreprocessConfig, preprocess
+
+    cfg = PreprocessConfig.from_data_config(data_config)
+    photos = [preprocess(img, cfg, name)[None] for name, img in sample_photos()]
+    return (photos + [p[..., ::-1].copy() for p in photos])[:n]
 
 
 def check_outputs(run: Callable[[np.ndarray], np.ndarray], reference: Callable[[np.ndarray], np.ndarray],

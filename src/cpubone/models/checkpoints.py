@@ -66,24 +66,73 @@ def read_state_dict(path: PathLike) -> StateDict:
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors" or _is_safetensors(path):
+    kind = _file_kind(path)
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for truncation / bad headers
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if kind == "empty":
+        raise CheckpointError(f"{path}: not a checkpoint: the file is empty")
+    if kind == "other":
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise CheckpointError(f"{path}: not a checkpoint: neither safetensors nor a file written by torch.save "
+                              f"(it starts with bytes {head.hex(' ')})")
+    if kind == "pickle":
+        # torch.load would try it as torch's legacy format; unpickling it ourselves could run its code
+        raise CheckpointError(f"{path}: refused to load: a plain Python pickle, not a torch.save file, and "
+                              f"unpickling it could execute arbitrary code. Save the state dict with torch.save "
+                              f"or safetensors.")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = _weights_only_reason(e)
+        if "Unsupported operand" in reason:  # bytes that are no pickle opcode: damage, not a forbidden object
+            raise CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt?): {reason}") from e
         raise CheckpointError(
             f"{path}: refused to load: the file holds pickled Python objects other than tensors, and "
             f"loading them could execute arbitrary code. Re-save only the state dict (tensors) or use "
-            f"safetensors. Details: {str(e).splitlines()[0]}"
+            f"safetensors. Details: {reason}"
         ) from e
-    except (EOFError, RuntimeError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt?): {e}") from e
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt?): {_first_line(e)}") from e
     return _unwrap(obj, path)
+
+
+# torch.save writes a zip archive; before torch 1.6 (and with _use_new_zipfile_serialization=False) a pickle
+# stream that starts with a pickled magic number
+_TORCH_ZIP_HEAD = b"PK\x03\x04"
+_TORCH_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _file_kind(path: Path) -> str:
+    """'safetensors', 'torch' (a torch.save file), 'pickle' (some other pickle), 'empty' or 'other'."""
+    with open(path, "rb") as f:
+        head = f.read(len(_TORCH_LEGACY_HEAD))
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        return "safetensors"
+    if not head:
+        return "empty"
+    if head.startswith(_TORCH_ZIP_HEAD) or head == _TORCH_LEGACY_HEAD:
+        return "torch"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode of pickle protocols 2-5
+        return "pickle"
+    return "other"
+
+
+def _weights_only_reason(e: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what it met (its other lines are boilerplate)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(boilerplate)), _first_line(e))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -329,12 +378,18 @@ def save_pretrained(model: nn.Module, directory: PathLike, extra_config: Optiona
     """Write ``model.safetensors`` + ``config.json`` into ``directory`` (atomically, file by file).
 
     The config is also stored in the safetensors metadata, so the weights file alone is self-describing.
+    It holds the model's ``pretrained_cfg``, class names (``label_names``, timm's key) included, which
+    ``create_model(name, pretrained=directory)`` restores and ``cpubone export`` / ``predict`` show.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg = dict(getattr(model, "pretrained_cfg", {}))
+    labels = cfg.get("label_names")
+    num_classes = getattr(model, "num_classes", None)
+    if labels is not None and num_classes and len(labels) != num_classes:
+        raise ValueError(f"pretrained_cfg['label_names'] has {len(labels)} names for a model with {num_classes} classes")
+    directory.mkdir(parents=True, exist_ok=True)
     config = dict(
         architecture=cfg.get("architecture"),
         num_classes=getattr(model, "num_classes", None),
@@ -360,7 +415,7 @@ def read_pretrained_config(path: PathLike) -> Optional[Dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         if (path / CONFIG_NAME).is_file():
-            return json.loads((path / CONFIG_NAME).read_text())
+            return _parse_config((path / CONFIG_NAME).read_text(), path / CONFIG_NAME)
         path = path / WEIGHTS_NAME
     if path.is_file() and (path.suffix == ".safetensors" or _is_safetensors(path)):
         from safetensors import safe_open
@@ -368,8 +423,18 @@ def read_pretrained_config(path: PathLike) -> Optional[Dict[str, Any]]:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-        except Exception:
+        except Exception:  # safetensors' own error types; read_state_dict reports the damaged file
             return None
         if "cpubone_config" in meta:
-            return json.loads(meta["cpubone_config"])
+            return _parse_config(meta["cpubone_config"], path)
     return None
+
+
+def _parse_config(text: str, source: Path) -> Dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: the saved model config is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: the saved model config is not a JSON object")
+    return config

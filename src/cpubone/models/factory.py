@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Any, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
 from .checkpoints import CheckpointError, load_checkpoint, read_pretrained_config, read_state_dict
 from .cpubone import VARIANTS, CPUBone, default_cfg
 
-__all__ = ["create_model", "list_models", "is_cpubone", "pretrained_weights_file"]
+__all__ = ["create_model", "list_models", "resolve_model_name", "ResolvedName", "is_cpubone",
+           "pretrained_weights_file"]
 
 TIMM_PREFIX = "timm/"
 
@@ -20,8 +22,48 @@ def list_models(pattern: str = "*") -> List[str]:
     return [n for n in VARIANTS if fnmatch.fnmatch(n, pattern)]
 
 
+@dataclass(frozen=True)
+class ResolvedName:
+    """What a model name means.
+
+    Attributes:
+        source: ``"cpubone"`` for our variants, ``"timm"`` for a model timm builds.
+        name: for ``"cpubone"`` the variant (a key of ``VARIANTS``); for ``"timm"`` the name to give
+            ``timm.create_model`` (``timm/`` prefix removed, pretrained tag kept).
+    """
+
+    source: Literal["cpubone", "timm"]
+    name: str
+
+
+def resolve_model_name(name: str) -> ResolvedName:
+    """The one place that decides which model a name means; every tool taking a model name goes through it.
+
+    In order: ``timm/NAME`` is timm's model even where we have a variant of that name (e.g.
+    ``timm/cpubone_b0_bfrobust``); a CPUBone variant, optionally with a pretrained tag (``cpubone_b0``,
+    ``cpubone_b0.r224_in1k``), is ours; any other name timm registers (``resnet50``,
+    ``resnet50.a1_in1k``) is timm's. Anything else raises a one-line ``ValueError``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string (a CPUBone variant or a timm model name), "
+                         f"got {name!r}")
+    forced_timm = name.startswith(TIMM_PREFIX)
+    base = name[len(TIMM_PREFIX):] if forced_timm else name
+    if not forced_timm and base.split(".")[0] in VARIANTS:
+        return ResolvedName("cpubone", base.split(".")[0])
+    import timm
+
+    if base and timm.is_model(base):
+        return ResolvedName("timm", base)
+    if forced_timm:
+        raise ValueError(f"unknown model {name!r}: timm has no model {base!r} (timm.list_models())")
+    raise ValueError(f"unknown model {name!r}: not a CPUBone variant ({', '.join(VARIANTS)}) "
+                     f"and not a timm model (timm.list_models())")
+
+
 def is_cpubone(name: str) -> bool:
-    return name.split(".")[0] in VARIANTS
+    """Whether ``name`` means one of our CPUBone variants (``resolve_model_name``; unknown names raise)."""
+    return resolve_model_name(name).source == "cpubone"
 
 
 def pretrained_weights_file(name: str) -> str:
@@ -49,7 +91,7 @@ def create_model(
     drop_rate: Optional[float] = None,
     drop_path_rate: Optional[float] = None,
     features_only: bool = False,
-    out_indices: Optional[Sequence[int]] = None,
+    out_indices: Union[None, int, Sequence[int]] = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name.
@@ -64,14 +106,23 @@ def create_model(
         in_chans: input channels; pretrained stem weights are adapted (timm's ``adapt_input_conv``).
         drop_rate / drop_path_rate: classifier dropout and stochastic depth.
         features_only / out_indices: return a feature extractor giving the stage outputs
-            (strides 4, 8, 16, 32 for indices 0-3).
+            (strides 4, 8, 16, 32 for indices 0-3). ``out_indices`` is a sequence of stage indices
+            (negative ones count from the end) or, as in timm, an int ``n`` for the last ``n`` stages.
+
+    Raises ``ValueError`` (one line) for an unknown name and for impossible arguments, ``CheckpointError``
+    for weights that cannot be read or do not fit.
     """
-    base = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
-    if name.startswith(TIMM_PREFIX) or not is_cpubone(name):
-        return _create_timm(base, pretrained, num_classes, in_chans, drop_rate, drop_path_rate,
+    resolved = resolve_model_name(name)
+    _check_counts(num_classes, in_chans)
+    if out_indices is not None and not features_only:
+        raise ValueError(f"out_indices={out_indices!r} is only used with features_only=True")
+    if features_only:
+        out_indices = _check_out_indices(out_indices)
+    if resolved.source == "timm":
+        return _create_timm(resolved.name, pretrained, num_classes, in_chans, drop_rate, drop_path_rate,
                             features_only, out_indices, **kwargs)
 
-    variant = base.split(".")[0]
+    variant = resolved.name
     cfg = VARIANTS[variant]
     saved = read_pretrained_config(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
     ckpt_classes = (saved or {}).get("num_classes") or 1000
@@ -104,14 +155,49 @@ def create_model(
                                          for k, v in saved["pretrained_cfg"].items()})
         if want_classes != model.num_classes:
             model.reset_classifier(want_classes)
+            model.pretrained_cfg.pop("label_names", None)  # a new classifier: the saved names no longer apply
         if want_chans != 3:
             _adapt_stem(model, want_chans)
     model.pretrained_cfg["num_classes"] = model.num_classes
     if features_only:
         from timm.models._features import FeatureGetterNet
 
-        return FeatureGetterNet(model, out_indices=tuple(out_indices) if out_indices is not None else (0, 1, 2, 3))
+        stages = len(model.feature_info)
+        indices = stages if out_indices is None else out_indices
+        _check_stage_range(indices, stages, variant)
+        return FeatureGetterNet(model, out_indices=indices)
     return model
+
+
+def _check_counts(num_classes: Optional[int], in_chans: Optional[int]) -> None:
+    # checked up front: torch builds layers with zero channels without complaint and fails only on the first input
+    if in_chans is not None and (not isinstance(in_chans, int) or in_chans < 1):
+        raise ValueError(f"in_chans={in_chans!r}: the number of input channels must be a positive integer")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
+        raise ValueError(f"num_classes={num_classes!r}: must be a positive integer, or 0 for no classifier")
+
+
+def _check_out_indices(out_indices: Any) -> Union[None, int, Tuple[int, ...]]:
+    """None (all stages), an int n (the last n stages, as timm reads it), or a non-empty tuple of stage indices."""
+    if out_indices is None:
+        return None
+    if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+        if out_indices < 1:
+            raise ValueError(f"out_indices={out_indices}: an int n takes the last n stages, so it must be at least 1")
+        return out_indices
+    try:
+        indices = tuple(out_indices)
+    except TypeError:
+        raise ValueError(f"out_indices={out_indices!r}: expected stage indices such as (1, 2, 3), or an int n "
+                         f"for the last n stages") from None
+    if not indices:
+        raise ValueError("out_indices=(): name at least one stage, e.g. (1, 2, 3), or pass an int n for the "
+                         "last n stages")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"out_indices={out_indices!r}: stage indices must be integers")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"out_indices={indices}: a stage is named twice")
+    return indices
 
 
 def _adapt_stem(model: CPUBone, in_chans: int) -> None:
@@ -124,14 +210,21 @@ def _adapt_stem(model: CPUBone, in_chans: int) -> None:
     model.in_chans = in_chans
 
 
+def _check_stage_range(indices: Union[int, Tuple[int, ...]], stages: int, name: str) -> None:
+    if isinstance(indices, int):
+        if indices > stages:
+            raise ValueError(f"out_indices={indices}: {name} has {stages} stages, so the last n can be 1 to {stages}")
+        return
+    bad = [i for i in indices if not -stages <= i < stages]
+    if bad:
+        raise ValueError(f"out_indices={indices}: {name} has {stages} stages, indices 0 to {stages - 1} "
+                         f"(or -{stages} to -1 from the end); {bad[0]} is out of range")
+
+
 def _create_timm(name, pretrained, num_classes, in_chans, drop_rate, drop_path_rate, features_only,
                  out_indices, **kwargs) -> nn.Module:
     import timm
 
-    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
-        raise ValueError(
-            f"unknown model {name!r}: not a CPUBone variant ({', '.join(VARIANTS)}) and not a timm model"
-        )
     args = dict(kwargs)
     for key, val in (("num_classes", num_classes), ("in_chans", in_chans), ("drop_rate", drop_rate),
                      ("drop_path_rate", drop_path_rate)):
@@ -140,7 +233,14 @@ def _create_timm(name, pretrained, num_classes, in_chans, drop_rate, drop_path_r
     if features_only:
         args["features_only"] = True
         if out_indices is not None:
-            args["out_indices"] = tuple(out_indices)
-    if isinstance(pretrained, (str, os.PathLike)):
-        return timm.create_model(name, pretrained=False, checkpoint_path=str(pretrained), **args)
-    return timm.create_model(name, pretrained=bool(pretrained), **args)
+            args["out_indices"] = out_indices
+    try:
+        if isinstance(pretrained, (str, os.PathLike)):
+            return timm.create_model(name, pretrained=False, checkpoint_path=str(pretrained), **args)
+        return timm.create_model(name, pretrained=bool(pretrained), **args)
+    except (AssertionError, IndexError) as e:
+        if out_indices is None:
+            raise
+        # timm checks the indices against the model's stages with an assert (or indexes past the end)
+        raise ValueError(f"out_indices={out_indices}: does not fit the feature stages of {name} "
+                         f"({e or type(e).__name__})") from None

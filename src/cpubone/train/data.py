@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ..images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 
 __all__ = [
     "SafeImageFolder",
@@ -28,7 +29,6 @@ __all__ = [
     "ResumableSampler",
     "build_transforms",
     "make_loader",
-    "load_rgb",
     "write_digits_imagefolder",
 ]
 
@@ -37,33 +37,13 @@ _logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image fully and convert it to RGB (grayscale, palette, RGBA, CMYK, 16-bit ...)."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()  # decode now: a truncated file fails here, inside our try, not later in a transform
-    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-        # composite on white: dropping alpha would expose whatever colour the transparent pixels hold
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / float grayscale: PIL's convert("RGB") clips these instead of rescaling
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0
-        img = Image.fromarray(arr.round().astype("uint8"), mode="L")
-    return img.convert("RGB")
-
-
 class SafeImageFolder(Dataset):
     """An ImageFolder split whose bad images are skipped and counted instead of crashing.
 
     Args:
         root: the split folder (e.g. ``DATA/train``), one sub-folder per class.
-        transform: applied to the RGB PIL image.
+        transform: applied to the RGB PIL image from ``cpubone.images.decode_image`` (the decoder every
+            other path uses too).
         classes: class names that fix the label order (pass the train split's to ``val`` so the labels
             agree even if ``val`` lacks a class).
 
@@ -79,7 +59,7 @@ class SafeImageFolder(Dataset):
         found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not found:
             raise ValueError(f"empty dataset: {root} has no class folders (expected {root}/<class>/<image>)")
-        exts = tuple(IMG_EXTENSIONS)
+        exts = IMAGE_EXTENSIONS
         empty = [c for c in found if not any(
             f.lower().endswith(exts) for _, _, files in os.walk(root / c, followlinks=True) for f in files)]
         if empty:
@@ -91,7 +71,8 @@ class SafeImageFolder(Dataset):
             raise ValueError(f"{root}: class folders not in the training classes: {', '.join(unknown[:10])}")
         self.class_to_idx: Dict[str, int] = {c: i for i, c in enumerate(self.classes)}
         # torchvision does the walking; classes=None above already checked that every folder has files
-        folder = ImageFolder(str(root), loader=lambda p: p, allow_empty=True)
+        folder = ImageFolder(str(root), loader=lambda p: p, allow_empty=True,
+                             is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
         self.samples: List[Tuple[str, int]] = [(p, self.class_to_idx[folder.classes[t]]) for p, t in folder.samples]
         if not self.samples:
             raise ValueError(f"empty dataset: no images under {root}")
@@ -106,11 +87,10 @@ class SafeImageFolder(Dataset):
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         path, target = self.samples[index]
         try:
-            img = load_rgb(path)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            # SyntaxError: PIL's parsers raise it for some malformed headers (e.g. PNG chunks)
+            img = decode_image(path)
+        except (ImageDecodeError, FileNotFoundError) as e:  # FileNotFoundError: deleted since the listing
             self.bad_files.append(path)
-            _logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+            _logger.warning("skipping unreadable image: %s", e)  # the message names the file
             return None
         if self.transform is not None:
             img = self.transform(img)

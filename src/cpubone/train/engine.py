@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..models.factory import create_model, is_cpubone
+from ..models.factory import create_model, is_cpubone, resolve_model_name
 from .data import ResumableSampler, SafeImageFolder, build_transforms, make_loader
 from .recipes import Recipe, get_recipe
 
@@ -241,8 +241,8 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         import timm
 
         # timm's pretrained loader drops a classifier whose class count differs (head reset)
-        name = cfg.model[len("timm/"):] if cfg.model.startswith("timm/") else cfg.model
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)),
+        return timm.create_model(resolve_model_name(cfg.model).name, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(pretrained)),
                                  num_classes=num_classes, drop_rate=r.drop, drop_path_rate=r.drop_path, **kwargs)
     return create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, drop_rate=r.drop,
                         drop_path_rate=r.drop_path, **kwargs)
