@@ -83,7 +83,8 @@ def load_split(folder: Path):
     """(float32 inputs (N, 3, S, S), int labels) of an ImageFolder split, preprocessed as deployed."""
     import numpy as np
 
-    from cpubone.deploy.preprocess import list_images, preprocess
+    from cpubone.deploy.preprocess import preprocess
+    from cpubone.images import list_images
 
     files = list_images(folder)
     cfg = digits_config()

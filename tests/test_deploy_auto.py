@@ -85,7 +85,7 @@ def test_deploy_picks_the_fastest_that_agrees(trained_nano, digits_folder, fakes
     assert json.loads(meta["cpubone.labels"]) == [str(i) for i in range(10)]
     assert json.loads(meta["input_size"]) == [3, 32, 32] and json.loads(meta["cpubone.engine"]) == "mid"
     report = (out / "deploy.md").read_text()
-    assert "test machine" in report and "cpubone predict IMAGE --model" in report and (out / "deploy.png").is_file()
+    assert "test machine" in report and "cpubone predict " in report and "model.fake IMAGE..." in report and (out / "deploy.png").is_file()
     assert not (out / ".candidates").exists()
 
 
@@ -121,8 +121,8 @@ def test_deploy_real_engines_then_predict_without_torch(trained_nano, digits_fol
     assert res.chosen.status == "kept" and Path(res.artifact).is_file()
     image = sorted((digits_folder / "val" / "7").iterdir())[0]
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from cpubone.deploy.predictor import main\n"
-            f"sys.exit(main([{str(image)!r}, '--model', {res.artifact!r}, '--topk', '1']))\n")
+            "from cpubone.cli import main\n"
+            f"sys.exit(main(['predict', {res.artifact!r}, {str(image)!r}, '--topk', '1']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     from cpubone.deploy.preprocess import preprocess
@@ -130,3 +130,26 @@ def test_deploy_real_engines_then_predict_without_torch(trained_nano, digits_fol
 
     expected = int(torch_reference(model)(preprocess(image, digits_config())[None]).argmax())
     assert run.stdout.splitlines()[1].split()[-1] == str(expected)  # the class name ('0'..'9')
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--calib", "nowhere"], "calibration folder not found: nowhere"),
+    (["--engine", "tensorrt"], "unknown engine 'tensorrt'"),
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--min-agreement", "0"], "--min-agreement 0.0: a percentage in (0, 100]"),
+])
+def test_cli_deploy_errors_are_one_line(args, needle, capsys, tmp_path):
+    from cpubone.cli import main
+
+    assert main(["deploy", "cpubone_nano", "-o", str(tmp_path / "o")] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cpubone deploy: error:") and needle in err and err.count("\n") == 1
+
+
+def test_cli_engines_lists_every_runtime(capsys):
+    from cpubone.cli import main
+
+    assert main(["engines"]) == 0
+    out = capsys.readouterr().out
+    for name in ENGINES:
+        assert name in out

@@ -107,9 +107,9 @@ def test_torch_free_predict_on_every_artifact_kind(fp32_runners, tmp_path):
             files[name] = str(path)
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from cpubone.deploy.predictor import main\n"
+        "from cpubone.cli import main\n"
         f"for name, path in {files!r}.items():\n"
-        f"    assert main([{str(tmp_path / 'astronaut.png')!r}, '--model', path, '--topk', '1', '--json']) == 0\n"
+        f"    assert main(['predict', path, {str(tmp_path / 'astronaut.png')!r}, '--topk', '1', '--json']) == 0\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

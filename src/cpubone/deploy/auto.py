@@ -28,7 +28,8 @@ import numpy as np
 from ..engines import PRECISIONS, EngineError, MissingExtraError, engine_class, engine_names, get_engine
 from ..engines.timing import LatencyResult, time_interleaved
 from ..engines.verify import Agreement, EngineVerificationError, agreement, torch_reference, verification_inputs, verify_fp32
-from .preprocess import PreprocessConfig, list_images, load_image, preprocess
+from ..images import list_images
+from .preprocess import PreprocessConfig, preprocess
 
 __all__ = ["Candidate", "DeployResult", "deploy_model", "pick_fastest", "labelled_images", "METADATA_FILE_SUFFIX"]
 
@@ -133,7 +134,7 @@ def _samples(files: Sequence[Path], cfg: PreprocessConfig) -> List[np.ndarray]:
     out = []
     for f in files:
         try:
-            out.append(preprocess(load_image(f), cfg, str(f))[None])
+            out.append(preprocess(f, cfg)[None])
         except ValueError as e:  # an unreadable image is skipped and reported, not fatal
             print(f"deploy: skipped {e}")
     return out
@@ -268,7 +269,7 @@ def deploy_model(
         raise ValueError(f"no engine x precision passed verification ({why})")
     artifact = _write_artifact(runners[chosen.label], output_dir, meta, chosen, name, threads)
     shutil.rmtree(work, ignore_errors=True)
-    command = f"cpubone predict IMAGE --model {artifact}" + (f" --threads {threads}" if threads != 1 else "")
+    command = f"cpubone predict {artifact} IMAGE..." + (f" --threads {threads}" if threads != 1 else "")
     result = DeployResult(name, str(output_dir), str(artifact), chosen, candidates, command,
                           dict(min_agreement=min_agreement, max_drop=max_drop), evaluated_on, threads)
     result.files = _write_report(result, output_dir, machine)
