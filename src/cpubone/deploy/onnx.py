@@ -186,14 +186,7 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
 
 
 # --- verification -------------------------------------------------------------------------------
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
-
-
-def sample_photos(names: Sequence[str] = SKIMAGE_PHOTOS) -> List[Tuple[str, np.ndarray]]:
-    """Real photos bundled with scikit-image (no download), as (name, uint8 array)."""
-    from skimage import data
-
-    return [(n, getattr(data, n)()) for n in names]
+from ..engines.verify import SKIMAGE_PHOTOS, sample_photos  # noqa: E402,F401  (one definition, shared)
 
 
 def photo_inputs(cfg: PreprocessConfig, photos: Optional[Sequence[Tuple[str, ImageLike]]] = None

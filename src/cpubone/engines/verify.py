@@ -66,13 +66,11 @@ def sample_photos(names: Sequence[str] = SKIMAGE_PHOTOS) -> List[Tuple[str, np.n
 def verification_inputs(cfg, photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None,
                         seed: int = 0) -> List[Tuple[str, np.ndarray]]:
     """A random (1, C, H, W) input and the photos preprocessed by ``cfg`` (a ``PreprocessConfig``)."""
-    from ..deploy.preprocess import preprocess
+    from ..deploy.onnx import photo_inputs
 
     c, h, w = cfg.input_size
     inputs = [(f"random {h}x{w}", np.random.default_rng(seed).standard_normal((1, c, h, w)).astype(np.float32))]
-    for name, img in (photos if photos is not None else sample_photos()):
-        inputs.append((f"photo {name}", preprocess(img, cfg, name)[None]))
-    return inputs
+    return inputs + photo_inputs(cfg, photos)
 
 
 def photo_samples(data_config: Dict[str, object], n: int = 8) -> List[np.ndarray]:
