@@ -21,6 +21,30 @@ from .base import Engine, EngineError, Runner
 __all__ = ["NcnnEngine"]
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Send what this process and its children print to /dev/null (file-descriptor level): pnnx's converter
+    lists every pass; whether it succeeded is judged by the files it wrote."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
 def _affine_group_norms(model):
     """A copy of ``model`` whose affine-free GroupNorms carry a unit affine: ncnn's GroupNorm layer always
     has one, and pnnx leaves an affine-free GroupNorm as an unknown layer."""
@@ -54,8 +78,9 @@ class NcnnEngine(Engine):
 
         param, weights = workdir / "model.ncnn.param", workdir / "model.ncnn.bin"
         model = _affine_group_norms(model)
-        # pnnx writes its intermediate files next to the TorchScript file and prints its passes
-        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        # pnnx writes its intermediate files next to the TorchScript file; its converter (a subprocess)
+        # prints every pass to the terminal
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_stdout():
             warnings.simplefilter("ignore")
             try:
                 pnnx.export(model.eval(), str(workdir / "model.pt"), inputs=torch.randn(input_shape),
