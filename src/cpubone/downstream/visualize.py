@@ -95,7 +95,7 @@ def class_colors(names: Sequence[str]) -> List[RGB]:
                 r, g, b = colorsys.hls_to_rgb(h, 0.45 if extra % 2 else 0.6, 0.75)
                 out[i] = (round(r * 255), round(g * 255), round(b * 255))
                 extra += 1
-    return [c for c in out]  # type: ignore[misc]
+    return list(out)  # type: ignore[arg-type]
 
 
 def _text_colour(bg: RGB) -> RGB:
