@@ -170,3 +170,19 @@ def test_low_precision_agrees_with_fp32_on_a_trained_model(name, precision, trai
     if runner.artifact is not None:  # the file keeps its precision
         assert load_artifact(runner.artifact).precision == precision
 
+
+
+def test_deploy_and_analysis_do_not_import_each_other():
+    """Both reach the runtimes through cpubone.engines (issue 11)."""
+    import ast
+    from pathlib import Path
+
+    import cpubone
+
+    root = Path(cpubone.__file__).parent
+    for pkg, other in (("deploy", "analysis"), ("analysis", "deploy")):
+        for f in (root / pkg).glob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    target = ("." * node.level) + node.module
+                    assert not target.startswith((f"..{other}", f"cpubone.{other}")), f"{f.name} imports {target}"
