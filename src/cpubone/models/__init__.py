@@ -2,11 +2,12 @@
 from .checkpoints import CheckpointError, convert_state_dict, detect_layout, load_checkpoint, read_state_dict, save_pretrained
 from .cpubone import VARIANTS, ClassifierHead, CPUBone, CPUBoneBlock, CPUBoneConfig, CPUBoneStage
 from .factory import ResolvedName, create_model, is_cpubone, list_models, resolve_model_name
-from .layers import ConvNormAct, FusedMBConv, GrFuMBConv, GrMBConv, Lowtention, MBConv, lowtention_heads
+from .layers import (ConvAct, ConvNormAct, FusedMBConv, GrFuMBConv, GrMBConv, Lowtention, LowtentionInference, MBConv,
+                     lowtention_heads)
 
 __all__ = [
     "CPUBone", "CPUBoneBlock", "CPUBoneStage", "ClassifierHead", "CPUBoneConfig", "VARIANTS",
-    "ConvNormAct", "MBConv", "FusedMBConv", "GrMBConv", "GrFuMBConv", "Lowtention", "lowtention_heads",
-    "create_model", "list_models", "resolve_model_name", "ResolvedName", "is_cpubone",
+    "ConvNormAct", "ConvAct", "LowtentionInference", "MBConv", "FusedMBConv", "GrMBConv", "GrFuMBConv", "Lowtention",
+    "lowtention_heads", "create_model", "list_models", "resolve_model_name", "ResolvedName", "is_cpubone",
     "CheckpointError", "load_checkpoint", "read_state_dict", "convert_state_dict", "detect_layout", "save_pretrained",
 ]

@@ -15,7 +15,7 @@ from timm.layers import DropPath, GroupNorm1, Mlp
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from .layers import ConvNormAct, FusedMBConv, Lowtention, MBConv
+from .layers import PAD_MODES, ConvNormAct, FusedMBConv, Lowtention, MBConv, fold_groupnorm_affine
 
 __all__ = ["CPUBone", "CPUBoneBlock", "CPUBoneStage", "ClassifierHead", "CPUBoneConfig", "VARIANTS"]
 
@@ -73,6 +73,18 @@ class CPUBoneBlock(nn.Module):
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return self.local(x)
+
+    @torch.no_grad()
+    def fuse(self) -> "CPUBoneBlock":
+        """Fold the affine of the GroupNorm1 before the MLP into the MLP's first 1x1 conv (in place).
+
+        The GroupNorm1 before Lowtention keeps its affine: the attention's depthwise projection
+        zero-pads at odd sizes and in stage 4, where a folded shift would be wrong. The sub-blocks
+        are not touched (``CPUBone.fuse`` and ``timm.utils.reparameterize_model`` walk into them).
+        """
+        if self.norm2.affine:
+            self.norm2 = fold_groupnorm_affine(self.norm2, self.mlp.fc1)
+        return self
 
 
 class CPUBoneStage(nn.Module):
@@ -335,11 +347,40 @@ class CPUBone(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
-    def fuse(self, pad_mode: str = "pad") -> "CPUBone":
-        """Rewrite this model in place into its inference form (see ``cpubone.deploy.reparameterize``)."""
-        from ..deploy.reparam import reparameterize  # lazy: models must not depend on deploy at import
+    def fuse(self, pad_mode: str = "pad", densify_below: int = 16) -> "CPUBone":
+        """Rewrite this model in place into its inference form, in eval mode; returns it.
 
-        return reparameterize(self, inplace=True, pad_mode=pad_mode)
+        Each block's ``fuse()`` gives its inference form (BatchNorms folded into convs, the query
+        scale folded into Lowtention's qkv, the MLP's GroupNorm affine folded into its first conv);
+        dropout and stochastic depth are removed. Same outputs as eval mode, at any input size.
+
+        Args:
+            pad_mode: how 2x2 stride-1 "same" convs pad, one of ``PAD_MODES`` ("pad" exports best to
+                ONNX Runtime, which folds the pad into the conv; "crop" avoids the input copy in eager).
+            densify_below: grouped (not depthwise) convs with fewer input channels per group become
+                dense block-diagonal convs (see ``ConvNormAct.fuse``; 0 keeps every group).
+        """
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
+        self.eval()
+        _fuse_children(self, pad_mode, densify_below)
+        self.drop_rate = 0.0
+        self.pretrained_cfg = dict(self.pretrained_cfg, reparameterized=True)
+        return self.eval()
+
+
+def _fuse_children(module: nn.Module, pad_mode: str, densify_below: int) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, ConvNormAct):
+            setattr(module, name, child.fuse(pad_mode, densify_below))
+        elif isinstance(child, Lowtention):
+            setattr(module, name, child.fuse(pad_mode))
+        elif isinstance(child, (nn.Dropout, DropPath)):
+            setattr(module, name, nn.Identity())
+        else:
+            if isinstance(child, CPUBoneBlock):
+                child.fuse()
+            _fuse_children(child, pad_mode, densify_below)
 
 
 def default_cfg(**kwargs: Any) -> Dict[str, Any]:

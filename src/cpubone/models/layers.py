@@ -8,22 +8,56 @@ depthwise-projected map and restores the size with nearest-neighbour upsampling.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Type
+import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = [
     "ConvNormAct",
+    "ConvAct",
     "MBConv",
     "FusedMBConv",
     "GrMBConv",
     "GrFuMBConv",
     "Lowtention",
+    "LowtentionInference",
     "lowtention_heads",
+    "pad_to_multiple",
+    "densify_groups",
+    "fold_groupnorm_affine",
+    "shape_general",
+    "PAD_MODES",
 ]
+
+# How a 2x2 stride-1 conv gets its (1, 0, 1, 0) "same" pad in the inference form (``ConvAct``):
+#   "crop": symmetric conv padding of 1, then drop the last row and column (one extra output row/col);
+#   "pad":  an explicit zero pad before the conv (a copy of the input in eager; ONNX Runtime fuses
+#           Pad into Conv's own asymmetric pads, so in ONNX it costs nothing).
+PAD_MODES = ("crop", "pad")
+
+_SHAPE_GENERAL = False
+
+
+@contextmanager
+def shape_general(enabled: bool = True) -> Iterator[None]:
+    """Record size-dependent pads and crops of the inference form even where the traced size does not need them.
+
+    Used around a dynamic-shape ONNX export: tracing bakes Python branches on the traced size into the
+    graph, so the odd-size branches must be taken (with pad amounts that evaluate to 0 at even sizes).
+    """
+    global _SHAPE_GENERAL
+    old = _SHAPE_GENERAL
+    _SHAPE_GENERAL = enabled
+    try:
+        yield
+    finally:
+        _SHAPE_GENERAL = old
 
 LayerFn = Optional[Callable[..., nn.Module]]
 
@@ -40,6 +74,21 @@ def _same_padding(kernel_size: int, stride: int) -> tuple[int, tuple[int, int, i
     if kernel_size == 2:
         return 0, (None if stride == 2 else (1, 0, 1, 0))
     raise ValueError(f"kernel_size={kernel_size}: only odd kernels and 2x2 are supported")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the right and bottom of ``x`` (N, C, H, W) up to the next multiple of ``multiple``.
+
+    The pad is written as ceil-multiple minus size with floor division of positive numbers, not as
+    ``(-H) % multiple``: under ``torch.compile`` with dynamic sizes a Python ``%`` on a size becomes a
+    sympy ``PythonMod``, and every float later derived from the padded size (BatchNorm's n / (n - 1)
+    in training, the nearest upsample's scale in eval) then fails in inductor ("'TensorReferenceAnalysis'
+    has no attribute 'python_mod'"). Floor division lowers fine, and with positive operands it is the
+    same in a traced ONNX graph, whose integer Div truncates.
+    """
+    H, W = x.shape[-2:]
+    m = multiple
+    return F.pad(x, (0, (W + m - 1) // m * m - W, 0, (H + m - 1) // m * m - H))
 
 
 class ConvNormAct(nn.Module):
@@ -81,6 +130,106 @@ class ConvNormAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pad={self.pad}" if self.pad is not None else ""
+
+    @torch.no_grad()
+    def fuse(self, pad_mode: str = "pad", densify_below: int = 16) -> "ConvAct":
+        """The inference form: a ``ConvAct`` with the BatchNorm's eval statistics folded into the conv.
+
+        Args:
+            pad_mode: how a 2x2 stride-1 "same" pad is realised, one of ``PAD_MODES``.
+            densify_below: a grouped (not depthwise) conv with fewer input channels per group than this
+                becomes a dense conv with block-diagonal weights (0 keeps every group). ONNX Runtime's
+                blocked (NCHWc) conv kernels need whole SIMD blocks of channels per group; a grouped conv
+                with fewer (B0's first downsample: 8 per group) falls back to a slow im2col path (~30 vs
+                ~90 GMAC/s on AVX-512), so doing twice the MACs densely is faster.
+
+        ``timm.utils.reparameterize_model`` calls this hook too (it replaces a child by ``child.fuse()``).
+        """
+        conv = copy.deepcopy(self.conv)
+        if isinstance(self.norm, nn.BatchNorm2d):
+            bn = self.norm
+            conv.weight, conv.bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        elif not isinstance(self.norm, nn.Identity):
+            raise TypeError(f"cannot fold {type(self.norm).__name__} into a conv (only BatchNorm2d)")
+        if 1 < conv.groups < conv.in_channels and conv.in_channels // conv.groups < densify_below:
+            conv = densify_groups(conv)
+        return ConvAct(conv, self.act, self.pad, pad_mode)
+
+
+class ConvAct(nn.Module):
+    """Conv2d (norm folded in, with bias) -> activation; the inference form of ``ConvNormAct``.
+
+    Args:
+        conv: the fused conv (its ``padding`` is replaced for an asymmetric pad).
+        act: activation module (``nn.Identity`` for none).
+        pad: the training form's explicit (left, right, top, bottom) zero pad, or None.
+        pad_mode: how ``pad`` is realised, one of ``PAD_MODES``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module, pad: Optional[Tuple[int, int, int, int]] = None,
+                 pad_mode: str = "pad") -> None:
+        super().__init__()
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
+        self.pad: Optional[Tuple[int, int, int, int]] = None
+        self.crop = False
+        if pad is not None:
+            if pad_mode == "crop" and pad == (1, 0, 1, 0) and conv.padding == (0, 0):
+                # conv with padding 1 computes output rows -1..H-1 of the left/top-padded conv shifted by
+                # one: rows 0..H-1 are exactly the "same" output, row H is the extra one we drop.
+                conv.padding = (1, 1)
+                self.crop = True
+            else:
+                self.pad = tuple(pad)
+        self.conv = conv
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad, value=0.0)  # an explicit 0 lets ONNX Runtime fuse Pad into Conv
+        x = self.conv(x)
+        if self.crop:
+            x = x[:, :, :-1, :-1]
+        return self.act(x)
+
+    def extra_repr(self) -> str:
+        return "crop=True" if self.crop else (f"pad={self.pad}" if self.pad else "")
+
+
+def densify_groups(conv: nn.Conv2d) -> nn.Conv2d:
+    """The grouped conv as an ungrouped one with block-diagonal weights (same output, exactly)."""
+    g = conv.groups
+    out_g, in_g = conv.out_channels // g, conv.in_channels // g
+    dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, 1, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        dense.weight.zero_()
+        for i in range(g):
+            dense.weight[i * out_g:(i + 1) * out_g, i * in_g:(i + 1) * in_g] = conv.weight[i * out_g:(i + 1) * out_g]
+        if conv.bias is not None:
+            dense.bias.copy_(conv.bias)
+    return dense
+
+
+def fold_groupnorm_affine(norm: nn.GroupNorm, conv: nn.Module) -> nn.GroupNorm:
+    """Fold ``norm``'s affine into the 1x1 ``conv`` after it, in place; returns the norm without affine.
+
+    conv(gamma * n + beta) = (conv * gamma)(n) + conv(beta) for an ungrouped 1x1 conv (exact: it is
+    linear per position).
+    """
+    if conv.kernel_size != (1, 1) or conv.groups != 1:
+        raise ValueError("the GroupNorm affine folds only into an ungrouped 1x1 conv")
+    with torch.no_grad():
+        w = conv.weight  # (out, in, 1, 1)
+        bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        new_bias = bias + (w[:, :, 0, 0] * norm.bias[None, :]).sum(1)
+        conv.weight.mul_(norm.weight[None, :, None, None])
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias)
+        else:
+            conv.bias.copy_(new_bias)
+    return nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=False)
 
 
 class FusedMBConv(nn.Module):
@@ -247,7 +396,7 @@ class Lowtention(nn.Module):
         if s > 1 and (H % s or W % s):
             # A strided 2x2 projection floors odd sizes and the upsample could not cover the input
             # again (the original code crashes there); zero-pad right/bottom to a multiple instead.
-            x = F.pad(x, (0, (-W) % s, 0, (-H) % s))
+            x = pad_to_multiple(x, s)
         x = self.qkv(self.proj(x))
         B, _, h, w = x.shape
         # Channel layout per head: [q | k | v], head-major (matches the released checkpoints).
@@ -257,9 +406,60 @@ class Lowtention(nn.Module):
             # CUDA's fused attention kernels need aligned strides, which these strided views lack
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = F.scaled_dot_product_attention(q, k, v)
-        o = o.transpose(-1, -2).reshape(B, self.num_heads * self.head_dim, h, w)
+        # contiguous(): with one head the reshape is a view with channels-last strides, and torch.compile
+        # at dynamic sizes (inductor, torch 2.14) fails to order its symbolic strides when it is saved for
+        # the backward pass ("cannot determine truth value of Relational"). With more heads the reshape
+        # copies anyway and this is a no-op.
+        o = o.transpose(-1, -2).reshape(B, self.num_heads * self.head_dim, h, w).contiguous()
         o = self.out(o)
         if s > 1:
             o = F.interpolate(o, scale_factor=float(s), mode="nearest")
             o = o[..., :H, :W]
+        return o
+
+    @torch.no_grad()
+    def fuse(self, pad_mode: str = "pad") -> "LowtentionInference":
+        """The inference form (``LowtentionInference``); the projection's BatchNorm is folded."""
+        return LowtentionInference(self, pad_mode)
+
+
+class LowtentionInference(nn.Module):
+    """Lowtention with the query scale folded into ``qkv`` and attention in channels-first layout.
+
+    For each head, with q, k, v as (d, N) slices of the qkv conv's output: o = v softmax(q^T k)^T, which
+    equals softmax(q k^T / sqrt(d)) v of the training form transposed, without materialising the
+    (N, d) transposes (ONNX Runtime fuses the remaining ones into its MatMul kernels). The Lowtention
+    crop is skipped where it cannot change the result (sizes divisible by the stride), except under
+    ``shape_general``.
+    """
+
+    def __init__(self, attn: Lowtention, pad_mode: str = "pad") -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.stride = attn.num_heads, attn.head_dim, attn.stride
+        self.proj = attn.proj.fuse(pad_mode)
+        qkv = copy.deepcopy(attn.qkv)
+        with torch.no_grad():
+            w = qkv.weight.view(self.num_heads, 3, self.head_dim, *qkv.weight.shape[1:])
+            w[:, 0] *= self.head_dim ** -0.5
+        self.qkv = qkv
+        self.out = copy.deepcopy(attn.out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        s = self.stride
+        general = _SHAPE_GENERAL and torch.jit.is_tracing()
+        if s > 1 and (general or H % s or W % s):
+            x = pad_to_multiple(x, s)
+        x = self.qkv(self.proj(x))
+        B, _, h, w = x.shape
+        d = self.head_dim
+        qkv = x.reshape(B, self.num_heads, 3 * d, h * w)
+        q, k, v = qkv[:, :, :d], qkv[:, :, d:2 * d], qkv[:, :, 2 * d:]
+        a = torch.matmul(q.transpose(-1, -2), k).softmax(dim=-1)
+        o = torch.matmul(v, a.transpose(-1, -2)).reshape(B, self.num_heads * d, h, w)
+        o = self.out(o)
+        if s > 1:
+            o = F.interpolate(o, scale_factor=float(s), mode="nearest")
+            if general or o.shape[-2] != H or o.shape[-1] != W:
+                o = o[:, :, :H, :W]
         return o
