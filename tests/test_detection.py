@@ -196,7 +196,7 @@ def test_training_lowers_the_loss_and_raises_ap(tmp_path):
     res = train_detection(cfg, log=lambda s: None)
     hist = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 80
-    assert np.mean([h["loss"] for h in hist[-3:]]) < 0.5 * hist[0]["loss"]
+    assert np.mean([h["train_loss"] for h in hist[-3:]]) < 0.5 * hist[0]["train_loss"]
     torch.manual_seed(0)
     untrained = create_retinanet("cpubone_nano", 3, fpn_channels=64, min_size=128, max_size=128)
     ds = CocoDetection(tmp_path / "data" / "images" / "train", tmp_path / "data" / "annotations" / "instances_train.json",
@@ -204,7 +204,7 @@ def test_training_lowers_the_loss_and_raises_ap(tmp_path):
     base = evaluate_detection(untrained, ds)["AP50"]
     assert res["AP50"] > base + 0.25
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert state["epoch"] == 80 and state["config"]["task"] == "detect"
+    assert state["epoch"] == 80 and json.loads(state["config"])["task"] == "detect" and state["task"] == "detect"
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -246,10 +246,11 @@ def test_resume_continues_the_schedule(coco_root, tmp_path):
                   log_every=0)
     train_detection(DetectionTrainConfig(epochs=2, **common), log=lambda s: None)
     first = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert first["epoch"] == 2 and first["step"] == 4
+    assert first["epoch"] == 2 and first["global_step"] == 4
     logs = []
     train_detection(DetectionTrainConfig(epochs=3, resume=str(tmp_path / "run" / "last.pt"), **common), log=logs.append)
-    assert "resumed from" in logs[0] and "at epoch 2, step 4" in logs[0]
+    assert "resumed from" in logs[0] and "epoch 3, step 0/2 of the epoch, global step 4" in logs[0]
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert state["epoch"] == 3 and state["step"] == 6 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert state["epoch"] == 3 and state["global_step"] == 6
+    assert [h["epoch"] for h in json.loads(state["history"])] == [1, 2, 3]
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]  # atomic writes leave no temp files

@@ -170,13 +170,13 @@ def test_training_lowers_the_loss_and_raises_miou(ade_root, tmp_path):
                                   base_size=64, lr=3e-3, workers=0, eval_every=40, log_every=0)
     res = train_segmentation(cfg, log=lambda s: None)
     hist = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in hist] == [40, 80, 120]
-    assert hist[-1]["loss"] < 0.6 * hist[0]["loss"]
+    assert [h["global_step"] for h in hist] == [40, 80, 120]
+    assert hist[-1]["train_loss"] < 0.6 * hist[0]["train_loss"]
     untrained = create_semantic_fpn("cpubone_nano", 4, fpn_channels=32, channels=32)
     base = evaluate_segmentation(untrained, SegmentationFolder(ade_root, "training", 4), base_size=64)["mIoU"]
     assert res["mIoU"] > base + 0.2
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert state["step"] == 120 and state["config"]["task"] == "segment"
+    assert state["global_step"] == 120 and json.loads(state["config"])["task"] == "segment"
 
 
 # --- command line --------------------------------------------------------------------------------

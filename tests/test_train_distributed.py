@@ -1,6 +1,7 @@
 """DDP: 2 processes (gloo, CPU, torchrun) end with the weights of 1 process at the same global batch.
 
-Model: timm's ``test_convnext`` (LayerNorm only). CPUBone uses BatchNorm, whose batch statistics are per
+Random-resolution batches are on (sizes 32 / 48): the runs only agree if both ranks draw the single
+process's size for every batch. Model: timm's ``test_convnext`` (LayerNorm only). CPUBone uses BatchNorm, whose batch statistics are per
 process unless SyncBatchNorm is used, and torch's SyncBatchNorm has no CPU implementation; a BN-free
 model makes the comparison exact up to float summation order. Augmentation, Mixup/CutMix and DropPath
 are off so that both runs see identical inputs (their randomness is per process by design).
@@ -33,7 +34,9 @@ def _free_port() -> int:
 
 
 def _args(data: Path, out: Path):
+    # random resolution on: the 2 ranks must draw the same size for every batch to match one process
     return ["--data", str(data), "--model", "test_convnext", "--recipe", "digits", "--img-size", "32",
+            "--img-sizes", "32", "48",
             "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--warmup-epochs", "0", "--no-aug", "--mixup", "0", "--cutmix", "0", "--drop-path", "0",
             "--workers", "0", "--seed", "3", "--no-progress", "--no-tensorboard", "--output", str(out)]
 
@@ -45,6 +48,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     one = subprocess.run([sys.executable, "-m", "cpubone.train", *_args(data, tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr
+    assert "sizes [32, 48] (eval 32)" in one.stdout
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                           "-m", "cpubone.train", *_args(data, tmp_path / "two")],

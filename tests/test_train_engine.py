@@ -13,7 +13,7 @@ import torch
 
 from cpubone import create_model
 from cpubone.train import TrainConfig, TrainingDiverged, evaluate_checkpoint, get_recipe, load_training_state, train
-from cpubone.train import engine as engine_mod
+from cpubone.train import classification as engine_mod
 from cpubone.train.data import write_digits_imagefolder
 
 from official import OFFICIAL_DIR

@@ -7,7 +7,8 @@ import torch
 
 from cpubone import create_model
 from cpubone.cli.train import add_train_arguments, config_from_args
-from cpubone.train.engine import TrainConfig, _amp_dtype, _freeze_backbone
+from cpubone.train.classification import TrainConfig, _freeze_backbone
+from cpubone.train.engine import amp_dtype as _amp_dtype
 from cpubone.train.recipes import Recipe, get_recipe
 
 
@@ -51,14 +52,18 @@ def _args(*argv):
 
 
 def test_cli_overrides():
-    cfg = config_from_args(_args("--data", "d", "--model", "cpubone_b0", "--batch-size", "256", "--epochs", "3",
-                                 "--auto-augment", "none", "--model-kwargs", "head_widths=[8,8]", "proj_drop_rate=0"))
+    assert config_from_args(_args("--data", "d", "--model", "cpubone_b0")).recipe_name == "release"  # the default
+    cfg = config_from_args(_args("--data", "d", "--model", "cpubone_b0", "--recipe", "paper", "--batch-size", "256",
+                                 "--epochs", "3", "--auto-augment", "none", "--model-kwargs", "head_widths=[8,8]",
+                                 "proj_drop_rate=0"))
     r = cfg.recipe
     assert (r.batch_size, r.epochs, r.auto_augment) == (256, 3, None)
     assert r.scaled_lr() == pytest.approx(5e-4)  # 1e-3 at 512, scaled to 256
     assert cfg.model_kwargs == {"head_widths": [8, 8], "proj_drop_rate": 0}
     explicit = config_from_args(_args("--data", "d", "--model", "cpubone_b0", "--batch-size", "256", "--lr", "0.01"))
-    assert explicit.recipe.scaled_lr() == pytest.approx(0.01)  # an explicit lr is not rescaled
+    assert explicit.recipe.resolve(4)["peak_lr"] == pytest.approx(0.01)  # an explicit lr is not rescaled
+    release = config_from_args(_args("--data", "d", "--model", "cpubone_b0", "--batch-size", "64"))
+    assert release.recipe.resolve(2)["peak_lr"] == pytest.approx(5e-4 * 64 / 256)  # the release's lr per image
     with pytest.raises(ValueError, match="--data and --model are required"):
         config_from_args(_args("--model", "cpubone_b0"))
 

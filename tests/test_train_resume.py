@@ -88,3 +88,39 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(digits, tmp_path):
     timing = ("epoch_time_s", "images_per_s")
     ha, hb = ([{k: v for k, v in row.items() if k not in timing} for row in json.loads(s["history"])] for s in (a, b))
     assert len(ha) == 2 and ha == hb
+
+
+def test_kill_at_the_end_of_an_epoch_keeps_best_model(digits, tmp_path):
+    """SIGKILL between the epoch's derived files and last.pt: best_model/ is complete (with the class names),
+    the resumed run redoes the epoch; a best_model/ lost or half-written later is rebuilt on resume."""
+    import json
+
+    from cpubone import create_model
+
+    out = tmp_path / "run"
+    env = dict(_env(), CPUBONE_TEST_KILL_AT="before-last@1")
+    res = subprocess.run(_cmd(digits, out), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
+    config = json.loads((out / "best_model" / "config.json").read_text())
+    assert config["pretrained_cfg"]["label_names"] == [str(i) for i in range(10)]
+    assert load_training_state(out / "last.pt")["epoch"] == 0  # the epoch does not count as done yet
+    model = create_model("cpubone_nano", pretrained=out / "best_model", head_widths=[32, 32])
+    best = load_training_state(out / "best.pt")
+    weights = best["ema"] if best["best_weights"] == "ema" else best["model"]
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+    res = subprocess.run(_cmd(digits, out, "--resume", str(out)), env=_env(), capture_output=True, text=True,
+                         timeout=300)  # a run folder is accepted: its last.pt
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert load_training_state(out / "last.pt")["epoch"] == 2
+    # a later kill inside save_pretrained: no config, a stale temporary file
+    (out / "best_model" / "config.json").unlink()
+    (out / "best_model" / "model.safetensors.tmp").write_bytes(b"partial")
+    res = subprocess.run(_cmd(digits, out, "--resume", str(out)), env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in (out / "best_model").iterdir()) == ["config.json", "model.safetensors"]
+    best = load_training_state(out / "best.pt")
+    weights = best["ema"] if best["best_weights"] == "ema" else best["model"]
+    model = create_model("cpubone_nano", pretrained=out / "best_model", head_widths=[32, 32])
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())

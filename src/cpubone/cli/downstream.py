@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Dict, List
 
 
@@ -24,7 +25,13 @@ def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, help="print the running loss every N iterations")
-    p.add_argument("--resume", help="continue from a last.pt")
+    p.add_argument("--resume", help="continue from a run folder (its last.pt) or a last.pt")
+    p.add_argument("--accum-steps", type=int, help="gradient accumulation steps (--batch-size stays the global batch)")
+    p.add_argument("--amp", help="none (default, fp32), auto / bf16 (CPU and GPU), fp16 (GPU)")
+    p.add_argument("--checkpoint-every", type=int, metavar="ITERS", help="also save last.pt every ITERS iterations")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--progress", action="store_true", default=None, help="progress bars instead of log lines")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also write a TensorBoard log")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
 
 
@@ -132,6 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-size", type=int, help="square training crop (preset 512)")
     p.add_argument("--base-size", type=int, help="shorter side before the random rescale / at evaluation (preset 512)")
     p.add_argument("--head-channels", type=int, default=128, help="semantic branch width (default 128)")
+    p.add_argument("--dropout", type=float, help="dropout before the classifier (default 0.1)")
     p.add_argument("--eval-every", type=int, default=4000, help="evaluate and checkpoint every N iterations")
     p.set_defaults(func=_one_line_warnings(_segment_train))
 
@@ -170,7 +178,38 @@ def _train_kwargs(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
 
 _COMMON = ["data", "output", "backbone", "pretrained_backbone", "fpn_channels", "batch_size", "opt", "lr",
            "weight_decay", "warmup_iters", "workers", "seed", "log_every", "resume", "preset", "train_split",
-           "eval_every"]
+           "eval_every", "accum_steps", "amp", "checkpoint_every", "device", "progress", "tensorboard"]
+# flags that must be at least 1 / at least 0
+_POSITIVE = ("epochs", "iters", "batch_size", "eval_every", "accum_steps", "crop_size", "base_size", "fpn_channels",
+             "head_channels", "min_size", "max_size")
+_NON_NEGATIVE = ("workers", "log_every", "checkpoint_every", "warmup_iters")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    for name in _POSITIVE + _NON_NEGATIVE:
+        val = getattr(args, name, None)
+        if val is None:
+            continue
+        if name in _POSITIVE and val < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {val}")
+        if name in _NON_NEGATIVE and val < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {val}")
+    if getattr(args, "lr", None) is not None and args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+
+
+def _train_and_print(command: str, train_fn, cfg, as_json: bool) -> int:
+    from ..train.engine import TrainingDiverged
+
+    try:
+        result = train_fn(cfg)
+    except TrainingDiverged as e:
+        flags = "--lr, --grad-clip" if command == "detect" else "--lr"
+        print(f"cpubone {command} train: stopped: {e} (options: {flags}, then --resume)", file=sys.stderr)
+        return 3
+    if result.pop("main", True):  # under torchrun only the first process prints
+        _print_metrics(result, as_json, "final evaluation")
+    return 0
 
 
 def _print_metrics(metrics: Dict[str, Any], as_json: bool, title: str) -> None:
@@ -193,10 +232,10 @@ def _print_metrics(metrics: Dict[str, Any], as_json: bool, title: str) -> None:
 def _detect_train(args: argparse.Namespace) -> int:
     from ..downstream.engine import DetectionTrainConfig, train_detection
 
+    _check_flags(args)
     kw = _train_kwargs(args, _COMMON + ["epochs", "min_size", "max_size", "grad_clip", "head_norm"])
     cfg = DetectionTrainConfig(val_split=_none(args.val_split), **kw)
-    _print_metrics(train_detection(cfg), args.json, "final evaluation")
-    return 0
+    return _train_and_print("detect", train_detection, cfg, args.json)
 
 
 def _detect_eval(args: argparse.Namespace) -> int:
@@ -256,11 +295,11 @@ def _detect_synth(args: argparse.Namespace) -> int:
 def _segment_train(args: argparse.Namespace) -> int:
     from ..downstream.engine import SegmentationTrainConfig, train_segmentation
 
+    _check_flags(args)
     kw = _train_kwargs(args, _COMMON + ["num_classes", "reduce_zero_label", "iters", "crop_size", "base_size",
-                                        "head_channels"])
+                                        "head_channels", "dropout"])
     cfg = SegmentationTrainConfig(val_split=_none(args.val_split), **kw)
-    _print_metrics(train_segmentation(cfg), args.json, "final evaluation")
-    return 0
+    return _train_and_print("segment", train_segmentation, cfg, args.json)
 
 
 def _segment_eval(args: argparse.Namespace) -> int:

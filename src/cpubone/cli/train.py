@@ -10,14 +10,16 @@ from typing import Any, Dict, List
 
 # recipe fields that the command line can override: flag -> (field, type, help)
 _RECIPE_FLAGS = {
-    "--epochs": ("epochs", int, "training epochs"),
+    "--epochs": ("epochs", int, "training epochs (after the warm-up in the release recipe)"),
     "--batch-size": ("batch_size", int, "global batch over all processes and accumulation steps; the lr is "
                                          "scaled linearly from the recipe's"),
-    "--lr": ("lr", float, "peak learning rate at --batch-size (no scaling)"),
+    "--batch-per-process": ("batch_per_process", int, "per-process batch (the release recipe's convention: "
+                                                      "global = processes x this x accumulation steps)"),
+    "--lr": ("lr", float, "peak learning rate (no scaling)"),
     "--weight-decay": ("weight_decay", float, "AdamW weight decay (not on norms and biases)"),
     "--warmup-epochs": ("warmup_epochs", float, "linear warm-up epochs"),
     "--min-lr": ("min_lr", float, "final cosine learning rate"),
-    "--img-size": ("img_size", int, "training and eval input side"),
+    "--img-size": ("img_size", int, "eval input side (and training side without --img-sizes)"),
     "--crop-pct": ("crop_pct", float, "eval centre-crop fraction"),
     "--auto-augment": ("auto_augment", str, "timm augmentation policy ('original', 'rand-m9-mstd0.5-inc1', 'none')"),
     "--hflip": ("hflip", float, "horizontal flip probability"),
@@ -31,19 +33,38 @@ _RECIPE_FLAGS = {
     "--amp": ("amp", str, "auto (bf16), bf16, fp16 (CUDA) or none"),
     "--accum-steps": ("accum_steps", int, "gradient accumulation steps"),
     "--clip-grad": ("clip_grad", float, "clip the global gradient norm to this value"),
+    "--loss": ("loss", str, "ce (softmax cross-entropy) or bce (BCE with logits, the release's)"),
+    "--bn-reestimate": ("bn_reestimate", int, "re-estimate BatchNorm statistics on this many training images "
+                                              "before each evaluation (0: off)"),
+    "--mesa-thresh": ("mesa_thresh", float, "Mesa self-distillation from this training progress (0-1)"),
+    "--mesa-ratio": ("mesa_ratio", float, "Mesa loss weight"),
+    "--restart-drop": ("restart_drop", float, "reload the best checkpoint when val top-1 falls this many points "
+                                              "below the best (negative: off)"),
 }
+# flags whose value must be a positive integer / at least 0
+_POSITIVE = ("--epochs", "--batch-size", "--batch-per-process", "--img-size", "--accum-steps")
+_NON_NEGATIVE = ("--checkpoint-every", "--workers", "--log-every", "--bn-reestimate", "--warmup-epochs",
+                 "--weight-decay", "--mixup", "--cutmix", "--smoothing", "--drop-path", "--drop", "--ema-decay",
+                 "--re-prob", "--mesa-ratio")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``cpubone train`` (also used by ``python -m cpubone.train`` under torchrun)."""
     p.add_argument("--data", help="ImageFolder root with train/ and val/ (class sub-folders)")
     p.add_argument("--model", help="CPUBone variant (cpubone_b0 ...) or timm model name")
-    p.add_argument("--recipe", default="paper", choices=["paper", "finetune", "digits"],
-                   help="hyperparameter preset (default: the paper's ImageNet recipe for --model)")
+    p.add_argument("--recipe", default="release", choices=["release", "paper", "finetune", "digits"],
+                   help="hyperparameter preset (default: the authors' released ImageNet recipe for --model; "
+                        "paper: the paper's summary)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved configuration as JSON and exit (reads no data)")
+    p.add_argument("--world-size", type=int, metavar="N",
+                   help="with --print-config: resolve for N processes (default: $WORLD_SIZE or 1)")
+    p.add_argument("--img-sizes", type=int, nargs="+", metavar="S",
+                   help="random-resolution training sizes, one per batch ('--img-sizes 0': off)")
     p.add_argument("--output", default="runs/train", help="run folder (default runs/train)")
     p.add_argument("--pretrained", help="checkpoint to fine-tune from (ours, the authors', timm's) or 'hub'")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the classifier")
-    p.add_argument("--resume", help="continue from this last.pt / best.pt")
+    p.add_argument("--resume", help="continue from a run folder (its last.pt) or a last.pt / best.pt")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also save last.pt every STEPS optimizer steps (default: only at epoch ends)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -69,6 +90,8 @@ def _parse_kwargs(items: List[str]) -> Dict[str, Any]:
         key, sep, val = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
+        if not key.isidentifier():
+            raise ValueError(f"--model-kwargs: {key!r} is not an argument name")
         try:
             out[key] = ast.literal_eval(val)
         except (ValueError, SyntaxError):
@@ -76,12 +99,34 @@ def _parse_kwargs(items: List[str]) -> Dict[str, Any]:
     return out
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    for flag in _POSITIVE + _NON_NEGATIVE:
+        val = getattr(args, flag[2:].replace("-", "_"), None)
+        if val is None:
+            continue
+        if flag in _POSITIVE and val < 1:
+            raise ValueError(f"{flag} must be at least 1, got {val}")
+        if flag in _NON_NEGATIVE and val < 0:
+            raise ValueError(f"{flag} must not be negative, got {val}")
+    if args.lr is not None and args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.mesa_thresh is not None and not 0 <= args.mesa_thresh <= 1:
+        raise ValueError(f"--mesa-thresh is a training progress between 0 and 1, got {args.mesa_thresh}")
+    if args.img_sizes and args.img_sizes != [0] and min(args.img_sizes) < 1:
+        raise ValueError(f"--img-sizes takes positive sizes (or 0 alone: off), got {args.img_sizes}")
+    if args.loss is not None and args.loss not in ("ce", "bce"):
+        raise ValueError(f"--loss must be ce or bce, got {args.loss!r}")
+    if args.world_size is not None and args.world_size < 1:
+        raise ValueError(f"--world-size must be at least 1, got {args.world_size}")
+
+
 def config_from_args(args: argparse.Namespace):
     """Build the ``TrainConfig`` from parsed ``cpubone train`` arguments."""
-    from ..train.engine import TrainConfig
+    from ..train.classification import TrainConfig
     from ..train.recipes import get_recipe
 
-    if not args.resume and (not args.data or not args.model):
+    _check_flags(args)
+    if not args.resume and not args.print_config and (not args.data or not args.model):
         raise ValueError("--data and --model are required (unless resuming with --resume)")
     model = args.model or "cpubone_b0"
     recipe = get_recipe(args.recipe, model)
@@ -90,10 +135,16 @@ def config_from_args(args: argparse.Namespace):
         val = getattr(args, flag[2:].replace("-", "_"))
         if val is not None:
             overrides[name] = None if name == "auto_augment" and val.lower() == "none" else val
-    if "lr" in overrides:  # an explicit lr is meant for the batch given, not rescaled
-        overrides["lr_base_batch"] = overrides.get("batch_size", recipe.batch_size)
-    elif "batch_size" in overrides:
-        pass  # linear scaling from the recipe's (lr, lr_base_batch)
+    if overrides.get("restart_drop") is not None and overrides["restart_drop"] < 0:
+        overrides["restart_drop"] = None
+    if "batch_size" in overrides and "batch_per_process" not in overrides:
+        recipe = recipe.with_global_batch(overrides.pop("batch_size"))
+    if "lr" in overrides:  # an explicit lr is the peak lr of this run, not rescaled
+        overrides.update(lr_rule="fixed", total_lr=None)
+    if args.img_sizes is not None:
+        overrides["img_sizes"] = None if args.img_sizes == [0] else tuple(args.img_sizes)
+    elif "img_size" in overrides and recipe.img_sizes:
+        overrides["img_sizes"] = None  # one size given: train at it
     if args.no_aug:
         overrides["no_aug"] = True
     if args.no_channels_last:
@@ -101,6 +152,7 @@ def config_from_args(args: argparse.Namespace):
     if args.freeze_backbone:
         overrides["freeze_backbone"] = True
     recipe = recipe.replace(**overrides)
+    recipe.check()
     return TrainConfig(
         data=args.data or "", model=model, recipe=recipe, recipe_name=args.recipe, output=args.output,
         pretrained=args.pretrained, model_kwargs=_parse_kwargs(args.model_kwargs), resume=args.resume,
@@ -111,13 +163,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..train.engine import TrainingDiverged, train
+    from ..train import TrainingDiverged, resolved_config, train
 
     cfg = config_from_args(args)
+    if args.print_config:
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+        print(json.dumps(resolved_config(cfg, world), indent=2))
+        return 0
     try:
         train(cfg)
     except TrainingDiverged as e:
-        print(f"cpubone train: stopped: {e}", file=sys.stderr)
+        print(f"cpubone train: stopped: {e} (options: --lr, --clip-grad, --amp none, then --resume)",
+              file=sys.stderr)
         return 3
     return 0
 
@@ -150,7 +207,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..train.engine import evaluate_checkpoint
+    from ..train.classification import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.data, args.model, args.checkpoint, split=args.split, batch_size=args.batch_size,
                             num_workers=args.workers, img_size=args.img_size, crop_pct=args.crop_pct,

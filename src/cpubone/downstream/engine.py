@@ -1,27 +1,24 @@
 """Training, evaluation and prediction for RetinaNet detection and Semantic FPN segmentation.
 
-Kept small on purpose: timm's optimizer factory (``create_optimizer_v2``, no weight decay on norms and
-biases) and schedulers (``MultiStepLRScheduler`` for the 1x schedule, ``PolyLRScheduler`` for 40k
-iterations), per-iteration lr updates, and one checkpoint file rewritten atomically (temp file +
-``os.replace``) holding model, optimizer, scheduler, progress and the config needed to rebuild the model.
+Training runs on the one training engine (``cpubone.train.engine``, tasks in ``tasks.py``): torchrun DDP,
+AMP, accumulation, the same atomic full-state checkpoints and exact resume as classification. The schedules
+are timm's (``MultiStepLRScheduler`` for the 1x schedule, ``PolyLRScheduler`` for 40k iterations) updated
+every iteration, the optimizer timm's ``create_optimizer_v2`` (no weight decay on norms and biases).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import random
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .datasets import (AnnotationError, CocoDetection, SegmentationFolder, collate_skip, detection_transforms,
-                       segmentation_transforms, IGNORE_INDEX)
+from .datasets import AnnotationError, CocoDetection, SegmentationFolder, collate_skip
 from .detection import DETECTION_PRESETS, create_retinanet
 from .metrics import ConfusionMatrix, coco_detection_metrics, detections_to_coco
 from .segmentation import SEGMENTATION_PRESETS, create_semantic_fpn
@@ -63,7 +60,13 @@ class DetectionTrainConfig:
     seed: int = 0
     eval_every: int = 1  # epochs
     log_every: int = 20  # iterations
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # a last.pt or a run folder
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
+    amp: str = "none"  # none (fp32), auto / bf16 (CPU and GPU), fp16 (GPU, with a GradScaler)
+    checkpoint_every: int = 0  # also save last.pt every this many iterations
+    device: str = "auto"
+    progress: bool = False  # tqdm bars instead of a log line every log_every iterations
+    tensorboard: bool = False
 
 
 @dataclasses.dataclass
@@ -81,6 +84,7 @@ class SegmentationTrainConfig:
     pretrained_backbone: Union[bool, str] = False
     fpn_channels: int = 256  # FPN width
     head_channels: int = 128  # semantic-branch width
+    dropout: float = 0.1  # before the classifier
     iters: Optional[int] = None
     batch_size: Optional[int] = None
     crop_size: Optional[int] = None
@@ -93,7 +97,13 @@ class SegmentationTrainConfig:
     seed: int = 0
     eval_every: int = 4000  # iterations
     log_every: int = 50
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # a last.pt or a run folder
+    accum_steps: int = 1
+    amp: str = "none"
+    checkpoint_every: int = 0
+    device: str = "auto"
+    progress: bool = False
+    tensorboard: bool = False
 
 
 def _resolve(cfg: Any, preset: Any) -> Dict[str, Any]:
@@ -163,34 +173,11 @@ def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
     return state
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9):
-    from timm.optim import create_optimizer_v2
-
-    kwargs = {"momentum": momentum} if opt.lower() in ("sgd", "momentum", "nesterov") else {}
-    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
-
-
 def _loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, drop_last: bool = False):
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        collate_fn=collate_skip, generator=g, drop_last=drop_last,
                                        persistent_workers=False)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _lr(optimizer) -> float:
-    return optimizer.param_groups[0]["lr"]
 
 
 # --- detection ----------------------------------------------------------------------------------
@@ -209,89 +196,36 @@ def coco_split(root: PathLike, split: str) -> Tuple[Path, Path]:
     return images, ann
 
 
-def train_detection(cfg: DetectionTrainConfig, log: Log = print) -> Dict[str, Any]:
-    """Train RetinaNet; returns the final validation metrics (COCO AP...) and where the checkpoint is.
+def train_detection(cfg: DetectionTrainConfig, log: Optional[Log] = None) -> Dict[str, Any]:
+    """Train RetinaNet on the training engine; returns the final validation metrics (COCO AP...), the
+    training's skipped-image count and where the final weights are.
 
-    Writes ``<output>/last.pt`` (resumable training state) after every epoch, ``metrics.jsonl`` (one line per
-    evaluation) and ``model.pt`` (weights + config) at the end.
+    Writes ``<output>/last.pt`` (resumable training state) after every epoch (and every ``checkpoint_every``
+    iterations), ``history.csv`` / ``metrics.jsonl`` (one row per epoch) and ``model.pt`` (weights + config)
+    at the end. Runs under torchrun as classification does.
     """
+    from .tasks import DetectionTask
+
     if cfg.preset not in DETECTION_PRESETS:
         raise ValueError(f"unknown detection preset {cfg.preset!r}; choose from {sorted(DETECTION_PRESETS)}")
-    c = _resolve(cfg, DETECTION_PRESETS[cfg.preset])
-    _seed(c["seed"])
-    out = Path(c["output"])
-    out.mkdir(parents=True, exist_ok=True)
-    img_dir, ann = coco_split(c["data"], c["train_split"])
-    train_ds = CocoDetection(img_dir, ann, transforms=detection_transforms(train=True))
-    val_ds = None
-    if c["val_split"]:
-        v_img, v_ann = coco_split(c["data"], c["val_split"])
-        val_ds = CocoDetection(v_img, v_ann, transforms=detection_transforms(train=False))
-        if val_ds.cat_ids != train_ds.cat_ids:
-            raise AnnotationError(f"{v_ann}: categories {val_ds.cat_ids} differ from the training set's {train_ds.cat_ids}")
-    c["num_classes"], c["classes"], c["cat_ids"] = len(train_ds.cat_ids), train_ds.classes, train_ds.cat_ids
-    model = create_retinanet(c["backbone"], c["num_classes"], pretrained_backbone=c["pretrained_backbone"],
-                             fpn_channels=c["fpn_channels"], head_norm=c["head_norm"], min_size=c["min_size"],
-                             max_size=c["max_size"])
-    loader = _loader(train_ds, c["batch_size"], True, c["workers"], c["seed"], drop_last=len(train_ds) > c["batch_size"])
-    iters_per_epoch = len(loader)
-    optimizer = _optimizer(model, c["opt"], c["lr"], c["weight_decay"], c["momentum"])
-    from timm.scheduler import MultiStepLRScheduler
+    return _train(DetectionTask(_resolve(cfg, DETECTION_PRESETS[cfg.preset])), log)
 
-    # the decay points keep their place in the schedule when --epochs shortens or stretches it (8/12, 11/12)
-    scale = c["epochs"] / DETECTION_PRESETS[cfg.preset].epochs
-    scheduler = MultiStepLRScheduler(optimizer, decay_t=[round(e * scale * iters_per_epoch) for e in c["decay_epochs"]],
-                                     decay_rate=c["decay_rate"], warmup_t=c["warmup_iters"],
-                                     warmup_lr_init=c["lr"] * c["warmup_ratio"], t_in_epochs=False)
-    start_epoch, step, history = 0, 0, []
+
+def _train(task, log: Optional[Log]) -> Dict[str, Any]:
+    from ..train.engine import load_training_state, resolve_checkpoint, run
+
+    c = task.c
+    resume, resume_path = None, ""
     if c["resume"]:
-        state = _read_checkpoint(c["resume"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step, history = state["epoch"], state["step"], state.get("history", [])
-        log(f"resumed from {c['resume']} at epoch {start_epoch}, step {step}")
-    log(f"RetinaNet on {c['backbone']}: {len(train_ds)} training images, {c['num_classes']} classes, "
-        f"{c['epochs']} epochs x {iters_per_epoch} iterations, {c['opt']} lr {c['lr']}")
-    skipped, metrics = 0, {}
-    for epoch in range(start_epoch, c["epochs"]):
-        model.train()
-        t0, running = time.time(), []
-        for images, targets, n_skip in loader:
-            skipped += n_skip
-            if not images:
-                continue
-            losses = model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} })")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if c["grad_clip"]:
-                nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            running.append(loss.item())
-            if c["log_every"] and step % c["log_every"] == 0:
-                log(f"epoch {epoch + 1} step {step}: loss {np.mean(running[-c['log_every']:]):.4f} "
-                    f"(cls {losses['classification'].item():.4f}, box {losses['bbox_regression'].item():.4f}) "
-                    f"lr {_lr(optimizer):.2e}")
-        entry: Dict[str, Any] = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(running)) if running else None,
-                                 "seconds": round(time.time() - t0, 1), "skipped_images": skipped}
-        if val_ds is not None and ((epoch + 1) % c["eval_every"] == 0 or epoch + 1 == c["epochs"]):
-            metrics = evaluate_detection(model, val_ds, batch_size=max(1, c["batch_size"] // 2), workers=c["workers"])
-            entry.update(metrics)
-        history.append(entry)
-        log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
-                         "history": history, "config": dict(c, task="detect")}, out / "last.pt")
-    save_checkpoint({"model": model.state_dict(), "config": dict(c, task="detect"), "metrics": metrics},
-                    out / "model.pt")
-    return {"checkpoint": str(out / "model.pt"), "skipped_images": skipped, **metrics}
+        resume_path = str(resolve_checkpoint(c["resume"]))
+        resume = load_training_state(resume_path)
+        if resume.get("task") != task.task_key:
+            raise ValueError(f"{resume_path}: a {resume.get('task', 'classify')} checkpoint, not a {task.task_key} one")
+    res = run(task, c["output"], resume, resume_path, c["device"], c["seed"], log=log)
+    out = Path(c["output"])
+    # the training's own count last: the evaluation reports its skipped images as val_skipped_images
+    return {"checkpoint": str(out / "model.pt"), **task.last_metrics, "skipped_images": res["skipped_images"],
+            "global_steps": res["global_steps"], "main": res["main"]}
 
 
 @torch.no_grad()
@@ -323,88 +257,18 @@ def evaluate_detection(model: nn.Module, dataset: CocoDetection, batch_size: int
 
 
 # --- segmentation -------------------------------------------------------------------------------
-def _forever(loader) -> Iterator[Any]:
-    while True:
-        yield from loader
+def train_segmentation(cfg: SegmentationTrainConfig, log: Optional[Log] = None) -> Dict[str, Any]:
+    """Train Semantic FPN on the training engine; returns the final validation metrics (mIoU, aAcc, mAcc,
+    per-class IoU), the training's skipped-image count and where the final weights are.
 
-
-def train_segmentation(cfg: SegmentationTrainConfig, log: Log = print) -> Dict[str, Any]:
-    """Train Semantic FPN; returns the final validation metrics (mIoU, aAcc, mAcc, per-class IoU).
-
-    Writes ``<output>/last.pt`` (resumable) every ``eval_every`` iterations and at the end, ``metrics.jsonl``
-    and ``model.pt`` (weights + config).
+    Writes ``<output>/last.pt`` (resumable) every ``eval_every`` iterations (and every ``checkpoint_every``),
+    ``history.csv`` / ``metrics.jsonl`` and, at the end, ``model.pt`` (weights + config).
     """
+    from .tasks import SegmentationTask
+
     if cfg.preset not in SEGMENTATION_PRESETS:
         raise ValueError(f"unknown segmentation preset {cfg.preset!r}; choose from {sorted(SEGMENTATION_PRESETS)}")
-    c = _resolve(cfg, SEGMENTATION_PRESETS[cfg.preset])
-    _seed(c["seed"])
-    out = Path(c["output"])
-    out.mkdir(parents=True, exist_ok=True)
-    train_ds = SegmentationFolder(c["data"], c["train_split"], c["num_classes"], c["reduce_zero_label"],
-                                  transforms=segmentation_transforms(True, c["crop_size"], c["base_size"],
-                                                                     tuple(c["ratio_range"])))
-    val_ds = (SegmentationFolder(c["data"], c["val_split"], c["num_classes"], c["reduce_zero_label"])
-              if c["val_split"] else None)
-    classes_file = Path(c["data"]) / "classes.json"
-    c["classes"] = (json.loads(classes_file.read_text())[1 if c["reduce_zero_label"] else 0:]
-                    if classes_file.is_file() else [str(i) for i in range(c["num_classes"])])
-    model = create_semantic_fpn(c["backbone"], c["num_classes"], pretrained_backbone=c["pretrained_backbone"],
-                                fpn_channels=c["fpn_channels"], channels=c["head_channels"])
-    optimizer = _optimizer(model, c["opt"], c["lr"], c["weight_decay"])
-    from timm.scheduler import PolyLRScheduler
-
-    scheduler = PolyLRScheduler(optimizer, t_initial=c["iters"], power=c["poly_power"], lr_min=0.0,
-                                warmup_t=c["warmup_iters"], warmup_lr_init=c["lr"] * 1e-3, t_in_epochs=False)
-    step, history = 0, []
-    if c["resume"]:
-        state = _read_checkpoint(c["resume"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history = state["step"], state.get("history", [])
-        log(f"resumed from {c['resume']} at iteration {step}")
-    loader = _loader(train_ds, c["batch_size"], True, c["workers"], c["seed"] + step,
-                     drop_last=len(train_ds) > c["batch_size"])
-    log(f"Semantic FPN on {c['backbone']}: {len(train_ds)} training images, {c['num_classes']} classes, "
-        f"{c['iters']} iterations of batch {c['batch_size']} at {c['crop_size']}px, {c['opt']} lr {c['lr']}")
-    model.train()
-    skipped, running, metrics, t0 = 0, [], {}, time.time()
-    batches = _forever(loader)
-    while step < c["iters"]:
-        images, masks, n_skip = next(batches)
-        skipped += n_skip
-        if not images:
-            continue
-        logits = model(torch.stack(images))
-        loss = F.cross_entropy(logits, torch.stack(masks), ignore_index=IGNORE_INDEX)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"iteration {step}: loss is {loss.item()} (a batch with only ignored pixels?)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        scheduler.step_update(step)
-        running.append(loss.item())
-        if c["log_every"] and step % c["log_every"] == 0:
-            log(f"iter {step}: loss {np.mean(running[-c['log_every']:]):.4f} lr {_lr(optimizer):.2e}")
-        if step % c["eval_every"] == 0 or step == c["iters"]:
-            entry: Dict[str, Any] = {"step": step, "loss": float(np.mean(running)), "seconds": round(time.time() - t0, 1),
-                                     "skipped_images": skipped}
-            running = []
-            if val_ds is not None:
-                metrics = evaluate_segmentation(model, val_ds, base_size=c["base_size"])
-                entry.update({k: v for k, v in metrics.items() if k != "IoU"})
-                model.train()
-            history.append(entry)
-            log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "step": step, "history": history,
-                             "config": dict(c, task="segment")}, out / "last.pt")
-    save_checkpoint({"model": model.state_dict(), "config": dict(c, task="segment"), "metrics": metrics},
-                    out / "model.pt")
-    return {"checkpoint": str(out / "model.pt"), "skipped_images": skipped, **metrics}
+    return _train(SegmentationTask(_resolve(cfg, SEGMENTATION_PRESETS[cfg.preset])), log)
 
 
 def _resize_short(x: torch.Tensor, base_size: Optional[int]) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Training and evaluation: the paper's recipe assembled from timm, DDP, checkpoints that survive a kill."""
+"""Training and evaluation: one engine (DDP, AMP, EMA, checkpoints that survive a kill) and the classification
+task with the authors' release recipe, the paper's summary and small-data presets."""
+from .classification import TrainConfig, evaluate_checkpoint, resolved_config, train
 from .data import SafeImageFolder, write_digits_imagefolder
-from .engine import TrainConfig, TrainingDiverged, evaluate_checkpoint, load_training_state, train
+from .engine import TrainingDiverged, load_training_state
 from .recipes import Recipe, get_recipe
 
 __all__ = ["train", "TrainConfig", "TrainingDiverged", "evaluate_checkpoint", "load_training_state", "Recipe",
-           "get_recipe", "SafeImageFolder", "write_digits_imagefolder"]
+           "get_recipe", "resolved_config", "SafeImageFolder", "write_digits_imagefolder"]

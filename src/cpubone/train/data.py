@@ -30,6 +30,8 @@ __all__ = [
     "build_transforms",
     "make_loader",
     "write_digits_imagefolder",
+    "StreamSampler",
+    "SeededSamples",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -79,12 +81,17 @@ class SafeImageFolder(Dataset):
         self.targets = [t for _, t in self.samples]
         self.root = root
         self.transform = transform
+        self.size_transforms: Dict[int, Callable] = {}  # random-resolution training: one transform per size
         self.bad_files: List[str] = []
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+    def __getitem__(self, index: Union[int, Tuple[int, int]]) -> Optional[Tuple[Any, int]]:
+        transform = self.transform
+        if isinstance(index, tuple):  # (index, size) from RandomResolutionBatchSampler
+            index, size = index
+            transform = self.size_transforms[size]
         path, target = self.samples[index]
         try:
             img = decode_image(path)
@@ -92,8 +99,8 @@ class SafeImageFolder(Dataset):
             self.bad_files.append(path)
             _logger.warning("skipping unreadable image: %s", e)  # the message names the file
             return None
-        if self.transform is not None:
-            img = self.transform(img)
+        if transform is not None:
+            img = transform(img)
         return img, target
 
 
@@ -139,6 +146,77 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """This rank's share of ``samples`` indices for one epoch, resumable part-way through.
+
+    The epoch's indices are whole random permutations of the dataset, concatenated until there are
+    ``samples`` of them, from a generator seeded by (seed, epoch) only; rank r takes every world-th one
+    starting at r, so N ranks together see the same global batches as one process. ``set_start`` skips
+    the first indices of this rank's share (a resumed epoch).
+    """
+
+    def __init__(self, num_items: int, samples: int, world: int = 1, rank: int = 0, seed: int = 0) -> None:
+        self.num_items, self.samples, self.world, self.rank, self.seed = num_items, samples, world, rank, seed
+        self.epoch, self.start_index = 0, 0
+
+    def set_epoch(self, epoch: int, samples: Optional[int] = None) -> None:
+        self.epoch = epoch
+        if samples is not None:
+            self.samples = samples
+
+    def set_start(self, index: int) -> None:
+        self.start_index = index
+
+    def _indices(self) -> List[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        out: List[int] = []
+        while len(out) < self.samples:
+            out += torch.randperm(self.num_items, generator=g).tolist()
+        return out[: self.samples][self.rank::self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start_index:])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.samples, self.world)) - self.start_index
+
+
+class SeededSamples(Dataset):
+    """A dataset whose random augmentation of item i in epoch e depends on (seed, e, i) only.
+
+    Each item is drawn with python, numpy and torch RNGs seeded from (seed, epoch, index) and the
+    caller's streams restored afterwards, so any number of processes and workers, and a resumed run,
+    augment every sample exactly alike. Call ``set_epoch`` before creating the data iterator.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        import random
+
+        import numpy as np
+
+        s = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**62
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
 
 
 def build_transforms(model: torch.nn.Module, img_size: int, recipe: Any, is_training: bool,

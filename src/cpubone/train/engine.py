@@ -1,133 +1,84 @@
-"""The training loop: one process or many (DDP), EMA, AMP, accumulation, step-level checkpoints, resume.
+"""The training loop shared by classification, detection and segmentation.
 
-``train(TrainConfig)`` runs a whole job; ``evaluate_checkpoint`` scores a model on an ImageFolder split.
-Everything is assembled from timm (transforms, Mixup, optimizer and scheduler factories, EMA, losses) and
-torch (DDP, autocast); this module only wires them together and makes the run survive interruptions:
+``run(task, output)`` trains any ``Task``: the task supplies the model, optimizer, scheduler, data, the loss
+of a micro-batch and the evaluation; this module owns everything around them, once:
 
-* checkpoints hold the full state (model, EMA, optimizer, scheduler, AMP scaler, epoch, step, the RNG
-  states of every rank, the config as JSON) and are written atomically (temporary file + ``os.replace``),
-  every ``checkpoint_every`` optimizer steps and at each epoch end, so a SIGKILL loses at most one
-  interval;
-* the data order depends only on (seed, epoch) and a resumed run skips the samples already seen, so
-  with ``num_workers=0`` a resumed run reproduces the uninterrupted one;
-* a NaN/inf loss stops the run before it can touch the weights or the checkpoints.
+* one process or many (torchrun: DDP over gloo on CPU, NCCL on GPU), gradient accumulation, clipping, AMP
+  (bf16 autocast on CPU and GPU, fp16 + GradScaler on GPU), EMA (timm's ``ModelEmaV3``);
+* checkpoints holding the full state (model, EMA, optimizer, scheduler, AMP scaler, progress, the RNG
+  states of every rank, the task's config as JSON), written atomically every ``checkpoint_every`` steps and
+  at each epoch end. ``last.pt`` is written last: whatever an epoch derives (``best.pt``, the task's exported
+  weights) is on disk before the epoch counts as done, and ``run`` rebuilds it on resume if it is missing;
+* exact resume after SIGKILL: the task's data order depends only on (seed, epoch), a resumed epoch skips
+  what was seen, and the RNG streams are restored after the data iterator is created;
+* a NaN/inf loss stops every rank before the weights or checkpoints are touched (``TrainingDiverged``);
+* restart from the best checkpoint when the metric falls ``restart_drop`` below the best;
+* tqdm progress bars, ``train.log``, ``history.csv`` / ``metrics.jsonl``, TensorBoard and ``curves.png``.
+
+The loop itself is plain on purpose (nanoGPT's train.py is the model): ``run`` sets up, restores, and then
+for each epoch calls ``_train_epoch`` and ``_end_epoch``. Considered and not used: Lightning Fabric and
+HF Accelerate would remove the DDP / autocast plumbing (about 40 lines here) but add a dependency and their
+own checkpoint and launcher conventions, and the exact-resume guarantee needs control of the RNG streams
+and the data order that they do not give.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import math
 import os
 import random
-import shutil
+import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..models.factory import create_model, is_cpubone, resolve_model_name
-from .data import ResumableSampler, SafeImageFolder, build_transforms, make_loader
-from .recipes import Recipe, get_recipe
-
 __all__ = [
-    "TrainConfig",
+    "Task",
+    "Dist",
+    "EngineState",
     "TrainingDiverged",
-    "train",
-    "evaluate",
-    "evaluate_checkpoint",
+    "run",
+    "init_distributed",
+    "all_sum",
+    "amp_dtype",
     "load_training_state",
     "save_training_state",
+    "resolve_checkpoint",
     "plot_curves",
+    "CKPT_LAST",
+    "CKPT_BEST",
 ]
 
 CKPT_LAST = "last.pt"
 CKPT_BEST = "best.pt"
-BEST_MODEL_DIR = "best_model"
 HISTORY_CSV = "history.csv"
+HISTORY_JSONL = "metrics.jsonl"
 CURVES_PNG = "curves.png"
+# a test hook: SIGKILL this process at a named point of the end-of-epoch writes (see tests/test_train_resume.py)
+FAULT_ENV = "CPUBONE_TEST_KILL_AT"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
 
-# fields that describe where and how this process runs, not what is trained: a resumed run takes them
-# from its own command line, everything else from the checkpoint
-_RUN_FIELDS = ("data", "output", "resume", "num_workers", "device", "progress", "tensorboard", "log_every")
-
-
-@dataclass
-class TrainConfig:
-    """One training job.
-
-    Args:
-        data: ImageFolder root with ``train/`` and (optionally) ``val/``.
-        model: CPUBone variant or timm model name.
-        recipe: hyperparameters (``recipes.get_recipe``).
-        recipe_name: the preset the recipe came from (for the record).
-        output: run folder for checkpoints, logs, CSV, TensorBoard and plots.
-        pretrained: checkpoint to fine-tune from (ours, the authors', timm's), ``"hub"`` for timm's
-            weights of the variant, or None to train from scratch. The classifier is reset to the
-            dataset's classes.
-        model_kwargs: extra constructor arguments of the model (JSON-able), e.g. ``{"head_widths": [64, 64]}``.
-        resume: a ``last.pt``/``best.pt`` to continue from.
-        checkpoint_every: also save ``last.pt`` every this many optimizer steps (0: only at epoch ends).
-        num_workers: data loader processes per rank.
-        seed: base seed (rank r uses seed + r for augmentation and dropout).
-        device: 'auto', 'cpu', 'cuda'.
-        deterministic: deterministic kernels where torch has them.
-        sync_bn: SyncBatchNorm across ranks (CUDA only: torch has no CPU implementation).
-        progress: tqdm bars (else a log line every ``log_every`` steps).
-        tensorboard: write a TensorBoard log.
-        log_every: optimizer steps between log lines / TensorBoard points.
-    """
-
-    data: str
-    model: str
-    recipe: Recipe = field(default_factory=Recipe)
-    recipe_name: str = "paper"
-    output: str = "runs/train"
-    pretrained: Optional[str] = None
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    resume: Optional[str] = None
-    checkpoint_every: int = 0
-    num_workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool = False
-    sync_bn: bool = False
-    progress: bool = True
-    tensorboard: bool = True
-    log_every: int = 50
-
-    @classmethod
-    def from_preset(cls, data: str, model: str, recipe: str = "paper", **kwargs: Any) -> "TrainConfig":
-        return cls(data=data, model=model, recipe=get_recipe(recipe, model), recipe_name=recipe, **kwargs)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["recipe"] = self.recipe.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs["recipe"] = Recipe.from_dict(d.get("recipe", {}))
-        return cls(**kwargs)
+def _fault(point: str, epoch: int) -> None:
+    if os.environ.get(FAULT_ENV) in (point, f"{point}@{epoch}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- distributed ----------------------------------------------------------------------------------
 @dataclass
-class _Dist:
+class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -138,30 +89,49 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed(device: str) -> _Dist:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def init_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group if world > 1."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise ValueError("device cuda requested but CUDA is not available")
     dev = torch.device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return _Dist(rank, world, local_rank, dev)
+    return Dist(rank, world, local_rank, dev)
 
 
-def _all_sum(values: List[float], d: _Dist) -> List[float]:
+def all_sum(values: List[float], d: Dist) -> List[float]:
+    """Element-wise sum over ranks (identity on one process)."""
     if d.world == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype for an AMP mode: auto (bf16; fp16 on GPUs without bf16), bf16, fp16 (CUDA) or none."""
+    amp = amp.lower()
+    if amp in ("none", "fp32", "off", "false"):
+        return None
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("amp fp16 needs CUDA (on CPU use bf16 or none)")
+        return torch.float16
+    raise ValueError(f"unknown amp mode {amp!r}: use auto, bf16, fp16 or none")
 
 
 # --- RNG state (as tensors so that torch.load(weights_only=True) can read it back) -----------------
@@ -191,10 +161,21 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Run a block with its own seeded python/numpy/torch RNG streams, leaving the training streams as they were."""
+    saved = _rng_state()
+    seed_all(seed)
+    try:
+        yield
+    finally:
+        _set_rng_state(saved)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -206,19 +187,29 @@ def save_training_state(state: Dict[str, Any], path: os.PathLike) -> None:
     atomic_torch_save(state, path)
 
 
-def load_training_state(path: os.PathLike) -> Dict[str, Any]:
-    """Read a training checkpoint without executing pickled code (``weights_only=True``)."""
-    from ..models.checkpoints import CheckpointError
-
+def resolve_checkpoint(path: os.PathLike) -> Path:
+    """A checkpoint file, or a run folder (its ``last.pt``)."""
     path = Path(path)
+    if path.is_dir():
+        if (path / CKPT_LAST).is_file():
+            return path / CKPT_LAST
+        raise FileNotFoundError(f"{path} is a folder without {CKPT_LAST}: pass a run folder or a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+    return path
+
+
+def load_training_state(path: os.PathLike) -> Dict[str, Any]:
+    """Read a training checkpoint (or a run folder's ``last.pt``) without executing pickled code."""
+    from ..models.checkpoints import CheckpointError
+
+    path = resolve_checkpoint(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # torch raises many types for a bad file; all mean "not readable"
         raise CheckpointError(f"{path}: cannot read the training checkpoint: {type(e).__name__}: {e}") from e
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "config")
-               if k not in state]
+               if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a cpubone training checkpoint (missing {', '.join(missing)})")
     return state
@@ -228,142 +219,166 @@ def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-# --- model ---------------------------------------------------------------------------------------
-def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    pretrained: Any = False
-    if cfg.pretrained:
-        pretrained = True if cfg.pretrained == "hub" else cfg.pretrained
-        if pretrained is not True and Path(pretrained).is_dir() and not is_cpubone(cfg.model):
-            pretrained = str(Path(pretrained) / "model.safetensors")
-    r = cfg.recipe
-    kwargs = dict(cfg.model_kwargs)
-    if not is_cpubone(cfg.model) and isinstance(pretrained, str):
-        import timm
+# --- the task interface --------------------------------------------------------------------------
+class Task:
+    """What a task gives the engine. ``setup`` must set the attributes below; the methods are called by ``run``.
 
-        # timm's pretrained loader drops a classifier whose class count differs (head reset)
-        return timm.create_model(resolve_model_name(cfg.model).name, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(pretrained)),
-                                 num_classes=num_classes, drop_rate=r.drop, drop_path_rate=r.drop_path, **kwargs)
-    return create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, drop_rate=r.drop,
-                        drop_path_rate=r.drop_path, **kwargs)
+    A micro-batch is whatever ``batches`` yields; ``batches`` yields ``(batch, skipped)`` pairs, ``batch`` None
+    when every sample of it was unreadable. ``batches`` must create its data iterator before returning (the
+    engine restores RNG streams right after) and depend only on (seed, epoch, start_step).
+    """
+
+    name = "task"
+    x_key = "epoch"  # the x axis of the curves
+    curve_keys: Tuple[str, ...] = ()  # metrics plotted beside the loss
+
+    # set by setup()
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a timm scheduler (step_update(num_updates))
+    epochs: int
+    accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    amp: str = "none"
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
+    restart_drop: Optional[float] = None
+    checkpoint_every: int = 0
+    progress: bool = True
+    tensorboard: bool = False
+    log_every: int = 50
+    title: str = ""
+
+    def setup(self, d: Dist, log) -> None:
+        raise NotImplementedError
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[Tuple[Any, int]]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any, ema: Optional[nn.Module], progress: float) -> Tuple[torch.Tensor, int]:
+        """(mean loss, samples) of one micro-batch, under autocast."""
+        raise NotImplementedError
+
+    def after_update(self, progress: float) -> None:
+        """Called after every optimizer step with training progress in [0, 1] (e.g. scheduled DropPath)."""
+
+    def evaluate(self, model: nn.Module, ema: Optional[nn.Module], epoch: int) -> Tuple[Dict[str, Any], Optional[float], str]:
+        """(metrics for the history row, the metric that picks the best epoch or None, 'model'/'ema')."""
+        return {}, None, "model"
+
+    def save_derived(self, out: Path, best: Optional[nn.Module], state: Dict[str, Any], final: bool) -> None:
+        """Write what an epoch derives (rank 0, before ``last.pt``): ``best`` is the new best module or None."""
+
+    def rebuild_derived(self, out: Path, last: Dict[str, Any]) -> None:
+        """On resume: recreate derived files that a kill may have left missing or half-written."""
+
+    def config(self) -> Dict[str, Any]:
+        return {}
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def describe(self, d: Dist) -> List[str]:
+        return []
+
+    def diverged_hint(self) -> str:
+        return "lower the learning rate, clip the gradients or turn AMP off, then resume from it"
 
 
-def _freeze_backbone(model: nn.Module) -> None:
-    """Train only the classifier: everything else is frozen, its BatchNorms kept in eval mode."""
-    keep = {id(p) for p in model.get_classifier().parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
+@dataclass
+class EngineState:
+    """Progress of a run (stored in every checkpoint)."""
 
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    best_weights: str = "model"
+    epoch_loss: float = 0.0
+    epoch_seen: int = 0
+    skipped: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
 
-def _frozen_norms_eval(model: nn.Module) -> None:
-    # a frozen BatchNorm in train mode would still drift its running statistics towards the new data
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters(False)):
-            m.eval()
+    def to_checkpoint(self) -> Dict[str, Any]:
+        s = asdict(self)
+        s["history"] = json.dumps(self.history)
+        return s
 
-
-def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    amp = amp.lower()
-    if amp in ("none", "fp32", "off", "false"):
-        return None
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("amp fp16 needs CUDA (on CPU use bf16 or none)")
-        return torch.float16
-    raise ValueError(f"unknown amp mode {amp!r}: use auto, bf16, fp16 or none")
-
-
-# --- evaluation ----------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-             amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
-             d: Optional[_Dist] = None) -> Dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%) over ``loader`` (summed over ranks when distributed)."""
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, top1, top5, count, skipped
-    for batch in loader:
-        sums[4] += batch.skipped
-        if batch.targets.numel() == 0:
-            continue
-        x = batch.images.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = batch.targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(x)
-        out = out.float()
-        k = min(5, out.shape[1])
-        top = out.topk(k, dim=1).indices
-        hit = top.eq(y[:, None])
-        sums[0] += float(loss_fn(out, y))
-        sums[1] += float(hit[:, :1].sum())
-        sums[2] += float(hit.sum())
-        sums[3] += len(y)
-    if d is not None:
-        sums = _all_sum(sums, d)
-    n = max(sums[3], 1.0)
-    return dict(loss=sums[0] / n, top1=100.0 * sums[1] / n, top5=100.0 * sums[2] / n, images=int(sums[3]),
-                skipped=int(sums[4]))
+    @classmethod
+    def from_checkpoint(cls, s: Dict[str, Any]) -> "EngineState":
+        st = cls(epoch=s["epoch"], step_in_epoch=s["step_in_epoch"], global_step=s["global_step"])
+        for k in ("best_metric", "best_epoch", "best_weights", "epoch_loss", "epoch_seen", "skipped"):
+            if k in s:
+                setattr(st, k, s[k])
+        st.history = json.loads(s.get("history", "[]"))
+        return st
 
 
 # --- visibility ----------------------------------------------------------------------------------
 class _Log:
     """Rank-0 log lines to stdout (through tqdm so bars are not broken) and appended to ``train.log``."""
 
-    def __init__(self, out: Path, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, out: Path, enabled: bool, fn: Optional[Callable[[str], None]] = None) -> None:
+        self.enabled, self.fn = enabled, fn
         self.path = out / "train.log"
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
+        if self.fn is not None:
+            self.fn(msg)
+        else:
+            from tqdm import tqdm
 
-        tqdm.write(msg, file=sys.stdout)
-        sys.stdout.flush()
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
         with open(self.path, "a") as f:
             f.write(msg + "\n")
 
 
-def _write_csv(history: List[Dict[str, Any]], path: Path) -> None:
+def _write_history(history: List[Dict[str, Any]], out: Path) -> None:
     if not history:
         return
-    keys = list(history[0].keys())
-    tmp = path.with_name(f".{path.name}.tmp")
+    keys: List[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys and not isinstance(row[k], (list, dict))]
+    tmp = out / f".{HISTORY_CSV}.tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for row in history:
             w.writerow({k: row.get(k, "") for k in keys})
-    os.replace(tmp, path)
+    os.replace(tmp, out / HISTORY_CSV)
+    tmp = out / f".{HISTORY_JSONL}.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, out / HISTORY_JSONL)
 
 
-def plot_curves(history: List[Dict[str, Any]], path: os.PathLike, title: str = "") -> Path:
-    """PNG of train/val loss and val top-1 (model and EMA) per epoch."""
+def plot_curves(history: List[Dict[str, Any]], path: os.PathLike, title: str = "", x_key: str = "epoch",
+                metric_keys: Tuple[str, ...] = ("val_top1", "ema_top1")) -> Path:
+    """PNG of the train (and val) loss and the given metrics over ``x_key``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    ep = [h["epoch"] for h in history]
+    xs = [h[x_key] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(xs, [h["train_loss"] for h in history], "o-", label="train")
     if any(h.get("val_loss") not in (None, "") for h in history):
-        ax1.plot(ep, [h["val_loss"] for h in history], "o-", label="val")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
-    for key, label in (("val_top1", "val top-1"), ("ema_top1", "val top-1 (EMA)")):
+        ax1.plot(xs, [h.get("val_loss") for h in history], "o-", label="val")
+    ax1.set_xlabel(x_key.replace("_", " ")), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    for key in metric_keys:
         vals = [h.get(key) for h in history]
-        if any(v not in (None, "") for v in vals):
-            ax2.plot(ep, vals, "o-", label=label)
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy (%)"), ax2.grid(alpha=0.3)
+        if any(isinstance(v, (int, float)) for v in vals):
+            ax2.plot(xs, [v if isinstance(v, (int, float)) else float("nan") for v in vals], "o-",
+                     label=key.replace("_", " "))
+    ax2.set_xlabel(x_key.replace("_", " ")), ax2.set_ylabel("metric"), ax2.grid(alpha=0.3)
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax2.get_legend_handles_labels()[0]:
@@ -379,417 +394,282 @@ def plot_curves(history: List[Dict[str, Any]], path: os.PathLike, title: str = "
     return path
 
 
-# --- training ------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Run (or resume) a training job; returns the final summary (also written to ``summary.json``).
+# --- the loop ------------------------------------------------------------------------------------
+class _Run:
+    """What one run holds while it trains: the task, the wrapped model, EMA, scaler, state, logs."""
 
+    def __init__(self, task: Task, d: Dist, out: Path, log: _Log) -> None:
+        self.task, self.d, self.out, self.log = task, d, out, log
+        self.unwrapped = task.model
+        self.model: nn.Module = task.model
+        if d.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                task.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.amp_dtype = amp_dtype(task.amp, d.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.ema = None
+        if task.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(task.model, decay=task.ema_decay, use_warmup=task.ema_warmup)
+        self.trainable = [p for p in task.model.parameters() if p.requires_grad]
+        self.state = EngineState()
+        self.total_steps = sum(task.steps_in_epoch(e) for e in range(task.epochs))
+        self.writer = None
+
+    # checkpoints -------------------------------------------------------------------------------
+    def snapshot(self) -> Dict[str, Any]:
+        """The full state; every rank must call it (the RNG states are gathered)."""
+        rngs = [_rng_state()]
+        if self.d.world > 1:
+            gathered: List[Any] = [None] * self.d.world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        s: Dict[str, Any] = dict(model=self.unwrapped.state_dict(), optimizer=self.task.optimizer.state_dict(),
+                                 scheduler=self.task.scheduler.state_dict(), rng=rngs, task=self.task.name,
+                                 config=json.dumps(self.task.config()), **self.state.to_checkpoint(),
+                                 **self.task.extra_state())
+        if self.ema is not None:
+            s["ema"] = self.ema.module.state_dict()
+        if self.scaler is not None:
+            s["scaler"] = self.scaler.state_dict()
+        return s
+
+    def checked_snapshot(self) -> Dict[str, Any]:
+        if not _all_finite(self.unwrapped):
+            raise TrainingDiverged(f"non-finite weights after global step {self.state.global_step}; not saving. "
+                                   f"The last good checkpoint is {self.out / CKPT_LAST}.")
+        return self.snapshot()
+
+    def restore(self, s: Dict[str, Any], with_progress: bool = True) -> None:
+        """Weights, EMA and optimizer from checkpoint ``s``; with ``with_progress`` also schedule and progress."""
+        self.unwrapped.load_state_dict(s["model"])
+        if self.ema is not None and "ema" in s:
+            self.ema.module.load_state_dict(s["ema"])
+        self.task.optimizer.load_state_dict(s["optimizer"])
+        if not with_progress:
+            return
+        self.task.scheduler.load_state_dict(s["scheduler"])
+        if self.scaler is not None and "scaler" in s:
+            self.scaler.load_state_dict(s["scaler"])
+        self.state = EngineState.from_checkpoint(s)
+
+    # one epoch ---------------------------------------------------------------------------------
+    def diverged(self, value: float, epoch: int) -> TrainingDiverged:
+        last = self.out / CKPT_LAST
+        kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint had been written yet"
+        return TrainingDiverged(
+            f"loss is {value} at epoch {epoch + 1}, global step {self.state.global_step + 1} (lr "
+            f"{self.task.optimizer.param_groups[0]['lr']:.3g}): training stopped; {kept}. "
+            f"To go on, {self.task.diverged_hint()}.")
+
+    def micro_step(self, batch: Any, last_micro: bool, epoch: int) -> Tuple[float, int, int]:
+        t, st, d = self.task, self.state, self.d
+        no_sync = d.world > 1 and not last_micro
+        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            batch, skipped = batch
+            if batch is None:
+                # every sample of this micro-batch was unreadable: a zero loss still joins the all-reduce
+                loss, value, n = sum(p.sum() * 0.0 for p in self.trainable), 0.0, 0
+            else:
+                with torch.autocast(d.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    loss, n = t.loss(self.model, batch, self.ema.module if self.ema is not None else None,
+                                     st.global_step / max(self.total_steps, 1))
+                value = float(loss.detach())
+            # one collective per micro-batch: all ranks stop together, skipped samples are summed
+            bad, skipped_all = all_sum([0.0 if math.isfinite(value) else 1.0, float(skipped)], d)
+            st.skipped += int(skipped_all)
+            if bad:
+                raise self.diverged(value, epoch)
+            scaled = loss / t.accum_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return value * n, n, int(skipped_all)
+
+    def optimizer_step(self) -> None:
+        t = self.task
+        if t.clip_grad:
+            from timm.utils import dispatch_clip_grad
+
+            if self.scaler is not None:
+                self.scaler.unscale_(t.optimizer)
+            dispatch_clip_grad(self.trainable, t.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(t.optimizer)
+            self.scaler.update()
+        else:
+            t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        t.scheduler.step_update(num_updates=self.state.global_step)
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step=self.state.global_step)
+        t.after_update(self.state.global_step / max(self.total_steps, 1))
+
+    def train_epoch(self, epoch: int, batches: Iterator[Tuple[Any, int]]) -> int:
+        """Optimizer steps of one epoch from ``state.step_in_epoch`` on; returns the samples seen now."""
+        from tqdm import tqdm
+
+        t, st = self.task, self.state
+        steps = t.steps_in_epoch(epoch)
+        seen_now = 0
+        bar = tqdm(total=steps, initial=st.step_in_epoch, desc=f"{t.name} epoch {epoch + 1}/{t.epochs}",
+                   disable=not (self.d.main and t.progress), dynamic_ncols=True, leave=False, file=sys.stderr)
+        for step in range(st.step_in_epoch, steps):
+            step_loss, step_n = 0.0, 0
+            for micro_i in range(t.accum_steps):
+                loss_sum, n, _ = self.micro_step(next(batches), micro_i == t.accum_steps - 1, epoch)
+                step_loss += loss_sum
+                step_n += n
+            self.optimizer_step()
+            st.step_in_epoch = step + 1
+            st.epoch_loss += step_loss
+            st.epoch_seen += step_n
+            seen_now += step_n
+            mean, lr = step_loss / max(step_n, 1), t.optimizer.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+            if t.log_every and st.global_step % t.log_every == 0:
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss", mean, st.global_step)
+                    self.writer.add_scalar("train/lr", lr, st.global_step)
+                if not t.progress:
+                    self.log(f"epoch {epoch + 1} step {step + 1}/{steps} global_step {st.global_step} "
+                             f"loss {mean:.4f} lr {lr:.3g}")
+            if t.checkpoint_every and st.global_step % t.checkpoint_every == 0 and step + 1 < steps:
+                s = self.checked_snapshot()
+                if self.d.main:
+                    save_training_state(s, self.out / CKPT_LAST)
+                self.log(f"checkpoint: global step {st.global_step} -> {self.out / CKPT_LAST}")
+        bar.close()
+        return seen_now
+
+    def end_epoch(self, epoch: int, seconds: float, seen_now: int) -> Dict[str, Any]:
+        """Evaluate, maybe restart from the best, record, and write best / derived files, then ``last.pt``."""
+        t, st, d = self.task, self.state, self.d
+        loss_sum, seen = all_sum([st.epoch_loss, float(st.epoch_seen)], d)
+        row: Dict[str, Any] = dict(epoch=epoch + 1, global_step=st.global_step, train_loss=loss_sum / max(seen, 1.0),
+                                   lr=t.optimizer.param_groups[0]["lr"])
+        metrics, metric, which = t.evaluate(self.unwrapped, self.ema.module if self.ema is not None else None, epoch)
+        row.update(metrics)
+        row.update(epoch_time_s=seconds, images_per_s=all_sum([float(seen_now)], d)[0] / max(seconds, 1e-9),
+                   skipped_images=st.skipped)
+        restart = (t.restart_drop is not None and metric is not None and st.best_epoch > 0
+                   and metric < st.best_metric - t.restart_drop and (self.out / CKPT_BEST).is_file())
+        is_best = metric is not None and metric > st.best_metric
+        if restart:
+            # the run fell off: continue from the best weights, optimizer and EMA at the current schedule
+            self.restore(load_training_state(self.out / CKPT_BEST), with_progress=False)
+            row["restarted_from_epoch"] = st.best_epoch
+            self.log(f"epoch {epoch + 1}: {metric:.2f} is more than {t.restart_drop} below the best {st.best_metric:.2f} "
+                     f"(epoch {st.best_epoch}): reloaded the best checkpoint and continue")
+        elif is_best:
+            st.best_metric, st.best_epoch, st.best_weights = float(metric), epoch + 1, which
+        st.history.append(row)
+        st.epoch, st.step_in_epoch, st.epoch_loss, st.epoch_seen = epoch + 1, 0, 0.0, 0
+        s = self.checked_snapshot()
+        final = epoch + 1 == t.epochs
+        if d.main:
+            # derived files first: the epoch only counts as done once last.pt says so
+            if is_best and not restart:
+                save_training_state(s, self.out / CKPT_BEST)
+            best_module = None
+            if is_best and not restart:
+                best_module = self.ema.module if which == "ema" and self.ema is not None else self.unwrapped
+            t.save_derived(self.out, best_module, s, final)
+            _fault("before-last", epoch + 1)
+            save_training_state(s, self.out / CKPT_LAST)
+            _fault("after-last", epoch + 1)
+            _write_history(st.history, self.out)
+            if self.writer is not None:
+                for k, v in row.items():
+                    if k != "epoch" and isinstance(v, (int, float)):
+                        self.writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+                self.writer.flush()
+        return row
+
+
+def run(task: Task, output: os.PathLike, resume: Optional[Dict[str, Any]] = None, resume_path: str = "",
+        device: str = "auto", seed: int = 0, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Train ``task`` (from ``resume``, a loaded checkpoint, if given); returns the run's summary fields.
+
+    ``log`` receives the first process's log lines (default: printed); they also go to ``train.log``.
     Raises ``TrainingDiverged`` on a NaN/inf loss (``last.pt`` is left as it was).
     """
-    resume_state = None
-    if cfg.resume:
-        resume_state = load_training_state(cfg.resume)
-        saved = TrainConfig.from_dict(json.loads(resume_state["config"]))
-        for name in _RUN_FIELDS:
-            if name == "data" and not cfg.data:
-                continue  # resuming without --data: the checkpoint's data folder
-            setattr(saved, name, getattr(cfg, name))
-        cfg = saved
-    d = _init_distributed(cfg.device)
+    d = init_distributed(device)
     try:
-        return _train(cfg, d, resume_state)
+        return _run(task, Path(output), resume, resume_path, d, seed, log)
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: _Dist, resume_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3, dispatch_clip_grad
-    from tqdm import tqdm
-
-    r = cfg.recipe
-    out = Path(cfg.output)
+def _run(task: Task, out: Path, resume: Optional[Dict[str, Any]], resume_path: str, d: Dist,
+         seed: int, log_fn: Optional[Callable[[str], None]]) -> Dict[str, Any]:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp*"):  # half-written files of a killed run; the real ones are intact
             stale.unlink()
-    log = _Log(out, d.main)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    # data (transforms are set once the model, and with it the normalisation, is known)
-    data = Path(cfg.data)
-    train_ds = SafeImageFolder(data / "train")
-    val_dir = data / "val"
-    val_ds = SafeImageFolder(val_dir, classes=train_ds.classes) if val_dir.is_dir() else None
-    num_classes = len(train_ds.classes)
-
-    # the same init on every rank (the EMA copies it before DDP would broadcast rank 0's weights)
-    _seed_all(cfg.seed)
-    # a resumed run gets its weights from the checkpoint, not from the (maybe moved) pretrained file
-    model = _build_model(cfg if resume_state is None else dataclasses.replace(cfg, pretrained=None), num_classes)
-    if r.freeze_backbone:
-        _freeze_backbone(model)
-    if cfg.sync_bn and d.world > 1:
-        if d.device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(d.device)
-    if r.channels_last:
-        model.to(memory_format=torch.channels_last)
-    _seed_all(cfg.seed + d.rank)
-
-    train_ds.transform = build_transforms(model, r.img_size, r, is_training=True)
-    eval_tf = build_transforms(model, r.img_size, r, is_training=False, crop_pct=r.crop_pct)
-    if val_ds is not None:
-        val_ds.transform = eval_tf
-
-    if r.batch_size % (d.world * r.accum_steps):
-        raise ValueError(f"global batch {r.batch_size} is not divisible by processes x accumulation steps "
-                         f"({d.world} x {r.accum_steps})")
-    micro = r.batch_size // (d.world * r.accum_steps)
-    sampler = ResumableSampler(train_ds, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = make_loader(train_ds, micro, sampler, cfg.num_workers, drop_last=True,
-                         pin_memory=d.device.type == "cuda", seed=cfg.seed)
-    updates_per_epoch = (sampler.num_samples // micro) // r.accum_steps
-    if updates_per_epoch == 0:
-        raise ValueError(f"{data / 'train'}: {len(train_ds)} images are fewer than one global batch of "
-                         f"{r.batch_size}; lower --batch-size")
-    val_loader = None
-    if val_ds is not None:
-        # shard without padding so that every image is counted exactly once
-        shard = torch.utils.data.Subset(val_ds, range(d.rank, len(val_ds), d.world))
-        val_loader = make_loader(shard, max(micro, 1) * 2, None, cfg.num_workers, drop_last=False,
-                                 pin_memory=d.device.type == "cuda")
-
-    lr = r.scaled_lr(r.batch_size)
-    optimizer = create_optimizer_v2(model, opt=r.opt, lr=lr, weight_decay=r.weight_decay,
-                                    filter_bias_and_bn=True, eps=r.opt_eps)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=r.sched, num_epochs=r.epochs, warmup_epochs=r.warmup_epochs, warmup_lr=r.warmup_lr,
-        min_lr=r.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    amp_dtype = _amp_dtype(r.amp, d.device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    ema = ModelEmaV3(model, decay=r.ema_decay, use_warmup=r.ema_warmup) if r.ema_decay > 0 else None
-
-    mixup = None
-    if r.mixup > 0 or r.cutmix > 0:
-        mixup = Mixup(mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mixup_prob, switch_prob=r.mixup_switch_prob,
-                      label_smoothing=r.smoothing, num_classes=num_classes)
-        criterion: nn.Module = SoftTargetCrossEntropy()
-        if micro % 2:
-            raise ValueError(f"Mixup/CutMix need an even per-process batch; got {micro}")
-    elif r.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(r.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-
-    unwrapped = model
     if d.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        dist.barrier()
+    log = _Log(out, d.main, log_fn)
+    task.setup(d, log)
+    r = _Run(task, d, out, log)
 
-    start_epoch, step_in_epoch, global_step = 0, 0, 0
-    best_metric, best_epoch = -1.0, -1
-    history: List[Dict[str, Any]] = []
-    epoch_loss, epoch_seen, skipped_total = 0.0, 0, 0
     rng_to_restore = None
-    if resume_state is not None:
-        unwrapped.load_state_dict(resume_state["model"])
-        if ema is not None and "ema" in resume_state:
-            ema.module.load_state_dict(resume_state["ema"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if scaler is not None and "scaler" in resume_state:
-            scaler.load_state_dict(resume_state["scaler"])
-        start_epoch, step_in_epoch = resume_state["epoch"], resume_state["step_in_epoch"]
-        global_step = resume_state["global_step"]
-        best_metric, best_epoch = resume_state.get("best_metric", -1.0), resume_state.get("best_epoch", -1)
-        history = json.loads(resume_state.get("history", "[]"))
-        epoch_loss, epoch_seen = resume_state.get("epoch_loss", 0.0), resume_state.get("epoch_seen", 0)
-        skipped_total = resume_state.get("skipped", 0)
-        rngs = resume_state.get("rng", [])
+    if resume is not None:
+        r.restore(resume)
+        rngs = resume.get("rng", [])
         rng_to_restore = rngs[d.rank] if len(rngs) == d.world else None
-        log(f"resumed from {cfg.resume}: epoch {start_epoch + 1}, step {step_in_epoch}/{updates_per_epoch} "
-            f"of the epoch, global step {global_step}")
+        st = r.state
+        log(f"resumed from {resume_path}: epoch {st.epoch + 1}, step {st.step_in_epoch}/"
+            f"{task.steps_in_epoch(min(st.epoch, task.epochs - 1))} of the epoch, global step {st.global_step}")
         if rng_to_restore is None:
             log(f"  (saved with {len(rngs)} process(es), now {d.world}: RNG streams restart from the seed)")
-            _seed_all(cfg.seed + d.rank + 1000003 * global_step)
-
-    writer = None
-    if d.main and cfg.tensorboard:
+            seed_all(seed + d.rank + 1000003 * st.global_step)
+        if d.main:
+            task.rebuild_derived(out, resume)
+    else:
+        for line in task.describe(d):
+            log(line)
+    if d.main and task.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=global_step or None)
-
-    n_params = sum(p.numel() for p in unwrapped.parameters())
-    n_train = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    if resume_state is None:
-        log(f"training {cfg.model} ({n_params:,} params, {n_train:,} trainable) on {data}: "
-            f"{len(train_ds)} train / {len(val_ds) if val_ds else 0} val images, {num_classes} classes")
-        log(f"recipe {cfg.recipe_name}: {r.epochs} epochs, global batch {r.batch_size} "
-            f"({d.world} process(es) x {r.accum_steps} accumulation x {micro}), peak lr {lr:.3g}, "
-            f"{updates_per_epoch} steps/epoch, {d.device}, amp {amp_dtype or 'off'}")
-
-    def state_dict(epoch: int, step: int) -> Dict[str, Any]:
-        rngs = [_rng_state()]
-        if d.world > 1:
-            gathered: List[Any] = [None] * d.world
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        s: Dict[str, Any] = dict(
-            model=unwrapped.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            epoch=epoch, step_in_epoch=step, global_step=global_step, best_metric=best_metric,
-            best_epoch=best_epoch, history=json.dumps(history), epoch_loss=epoch_loss, epoch_seen=epoch_seen,
-            skipped=skipped_total, rng=rngs, config=json.dumps(cfg.to_dict()), model_name=cfg.model,
-            num_classes=num_classes, classes=list(train_ds.classes))
-        if ema is not None:
-            s["ema"] = ema.module.state_dict()
-        if scaler is not None:
-            s["scaler"] = scaler.state_dict()
-        return s
-
-    def checkpoint(epoch: int, step: int) -> None:
-        # every rank takes part (RNG gather); rank 0 writes
-        if not _all_finite(unwrapped):
-            raise TrainingDiverged(f"non-finite weights after global step {global_step}; not saving. "
-                                   f"The last good checkpoint is {out / CKPT_LAST}.")
-        s = state_dict(epoch, step)
-        if d.main:
-            save_training_state(s, out / CKPT_LAST)
-
-    def diverged(value: float, epoch: int) -> TrainingDiverged:
-        last = out / CKPT_LAST
-        kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint had been written yet"
-        return TrainingDiverged(
-            f"loss is {value} at epoch {epoch + 1}, global step {global_step + 1} (lr "
-            f"{optimizer.param_groups[0]['lr']:.3g}): training stopped; {kept}. Lower the learning rate "
-            f"(--lr), enable gradient clipping (--clip-grad) or use --amp none, then --resume from it.")
+        r.writer = SummaryWriter(str(out / "tensorboard"), purge_step=r.state.global_step or None)
 
     t_start = time.time()
-    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
     try:
-        for epoch in range(start_epoch, num_epochs):
-            first = epoch == start_epoch
-            sampler.set_epoch(epoch)
-            sampler.set_start(step_in_epoch * r.accum_steps * micro if first else 0)
-            loader.generator.manual_seed(cfg.seed * 100003 + epoch)  # worker seeds depend on (seed, epoch) only
-            batches = iter(loader)
-            if first and rng_to_restore is not None:
-                _set_rng_state(rng_to_restore)  # after iter(): the iterator must not shift the streams
-            if not first:
-                step_in_epoch, epoch_loss, epoch_seen = 0, 0.0, 0
-            model.train()
-            _frozen_norms_eval(unwrapped)
+        for epoch in range(r.state.epoch, task.epochs):
+            r.model.train()  # before the task's batches(), which may put parts back in eval mode
+            batches = task.batches(epoch, r.state.step_in_epoch)
+            if rng_to_restore is not None:
+                _set_rng_state(rng_to_restore)  # after the iterator exists: creating it must not shift the streams
+                rng_to_restore = None
             t_epoch = time.time()
-            seen_now = 0
-            bar = tqdm(total=updates_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{num_epochs}",
-                       disable=not (d.main and cfg.progress), dynamic_ncols=True, leave=False, file=sys.stderr)
-            for step in range(step_in_epoch, updates_per_epoch):
-                step_loss, step_n = 0.0, 0
-                for micro_i in range(r.accum_steps):
-                    batch = next(batches)
-                    x, y = batch.images, batch.targets
-                    if mixup is not None and len(y) % 2:
-                        x, y = x[:-1], y[:-1]  # an unreadable image made the batch odd; Mixup pairs samples
-                    sync = model.no_sync() if d.world > 1 and micro_i < r.accum_steps - 1 else contextlib.nullcontext()
-                    with sync:
-                        if len(y) == 0:
-                            # every image of this micro-batch was unreadable: a zero loss still joins the
-                            # gradient all-reduce of the other ranks
-                            loss, value = sum(p.sum() * 0.0 for p in trainable), 0.0
-                        else:
-                            x = x.to(d.device, non_blocking=True)
-                            y = y.to(d.device, non_blocking=True)
-                            if r.channels_last:
-                                x = x.contiguous(memory_format=torch.channels_last)
-                            if mixup is not None:
-                                x, y = mixup(x, y)
-                            with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32,
-                                                enabled=amp_dtype is not None):
-                                loss = criterion(model(x), y)
-                            value = float(loss.detach())
-                        # one collective per micro-batch: all ranks stop together, skipped images are summed
-                        bad, skipped = _all_sum([0.0 if math.isfinite(value) else 1.0, float(batch.skipped)], d)
-                        skipped_total += int(skipped)
-                        if bad:
-                            raise diverged(value, epoch)
-                        step_loss += value * len(y)
-                        step_n += len(y)
-                        scaled = loss / r.accum_steps
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                if r.clip_grad:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    dispatch_clip_grad(trainable, r.clip_grad)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                scheduler.step_update(num_updates=global_step)
-                if ema is not None:
-                    ema.update(unwrapped, step=global_step)
-                epoch_loss += step_loss
-                epoch_seen += step_n
-                seen_now += step_n
-                mean = step_loss / max(step_n, 1)
-                cur_lr = optimizer.param_groups[0]["lr"]
-                bar.update(1)
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{cur_lr:.2e}")
-                if global_step % cfg.log_every == 0:
-                    if writer is not None:
-                        writer.add_scalar("train/loss", mean, global_step)
-                        writer.add_scalar("train/lr", cur_lr, global_step)
-                    if not cfg.progress:
-                        log(f"epoch {epoch + 1} step {step + 1}/{updates_per_epoch} global_step {global_step} "
-                            f"loss {mean:.4f} lr {cur_lr:.3g}")
-                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < updates_per_epoch:
-                    checkpoint(epoch, step + 1)
-                    log(f"checkpoint: global step {global_step} -> {out / CKPT_LAST}")
-            bar.close()
-            epoch_time = time.time() - t_epoch
-
-            # end of epoch: evaluate model and EMA, record, checkpoint
-            train_loss = _all_sum([epoch_loss, float(epoch_seen)], d)
-            row: Dict[str, Any] = dict(epoch=epoch + 1, global_step=global_step,
-                                       train_loss=train_loss[0] / max(train_loss[1], 1.0),
-                                       lr=optimizer.param_groups[0]["lr"])
-            metric = None
-            if val_loader is not None:
-                m = evaluate(unwrapped, val_loader, d.device, amp_dtype, r.channels_last, d)
-                row.update(val_loss=m["loss"], val_top1=m["top1"], val_top5=m["top5"])
-                metric, which = m["top1"], "model"
-                if ema is not None:
-                    e = evaluate(ema.module, val_loader, d.device, amp_dtype, r.channels_last, d)
-                    row.update(ema_loss=e["loss"], ema_top1=e["top1"], ema_top5=e["top5"])
-                    if e["top1"] > metric:
-                        metric, which = e["top1"], "ema"
-            row.update(epoch_time_s=epoch_time, images_per_s=_all_sum([float(seen_now)], d)[0] / max(epoch_time, 1e-9),
-                       skipped_images=skipped_total)
-            history.append(row)
-            is_best = metric is not None and metric > best_metric
-            if is_best:
-                best_metric, best_epoch = metric, epoch + 1
-            checkpoint(epoch + 1, 0)
-            if d.main:
-                if is_best:
-                    tmp = out / f".{CKPT_BEST}.tmp"
-                    shutil.copyfile(out / CKPT_LAST, tmp)
-                    os.replace(tmp, out / CKPT_BEST)
-                    _export_best(ema.module if which == "ema" and ema is not None else unwrapped, out, r, cfg,
-                                 dict(epoch=epoch + 1, top1=metric, weights=which))
-                _write_csv(history, out / HISTORY_CSV)
-                if writer is not None:
-                    for k, v in row.items():
-                        if k != "epoch":
-                            writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-                    writer.flush()
-                msg = f"epoch {epoch + 1}/{num_epochs}  train loss {row['train_loss']:.4f}"
-                if "val_top1" in row:
-                    msg += f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f} top-5 {row['val_top5']:.2f}"
-                if "ema_top1" in row:
-                    msg += f"  (EMA top-1 {row['ema_top1']:.2f})"
-                msg += f"  {epoch_time:.1f} s  {row['images_per_s']:.0f} img/s"
-                if skipped_total:
-                    msg += f"  skipped {skipped_total} unreadable image(s)"
-                log(msg)
+            seen_now = r.train_epoch(epoch, batches)
+            row = r.end_epoch(epoch, time.time() - t_epoch, seen_now)
+            log(_epoch_line(task, row))
     finally:
-        if d.main and history:
-            plot_curves(history, out / CURVES_PNG, title=f"{cfg.model} ({cfg.recipe_name})")
-            _write_csv(history, out / HISTORY_CSV)
-        if writer is not None:
-            writer.close()
-
-    wall = time.time() - t_start
-    last = history[-1] if history else {}
-    summary = dict(
-        model=cfg.model, recipe=cfg.recipe_name, epochs=num_epochs, global_steps=global_step,
-        processes=d.world, device=str(d.device), wall_time_s=wall,
-        best_top1=best_metric if best_metric >= 0 else None, best_epoch=best_epoch if best_epoch > 0 else None,
-        final_top1=last.get("val_top1"), final_ema_top1=last.get("ema_top1"), final_top5=last.get("val_top5"),
-        final_train_loss=last.get("train_loss"), skipped_images=skipped_total,
-        output=str(out), last_checkpoint=str(out / CKPT_LAST),
-        best_model=str(out / BEST_MODEL_DIR) if best_epoch > 0 else None,
-    )
-    if d.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        log(_format_summary(summary))
-    return summary
+        if d.main and r.state.history:
+            plot_curves(r.state.history, out / CURVES_PNG, title=task.title, x_key=task.x_key,
+                        metric_keys=task.curve_keys)
+            _write_history(r.state.history, out)
+        if r.writer is not None:
+            r.writer.close()
+    st = r.state
+    last = st.history[-1] if st.history else {}
+    return dict(epochs=task.epochs, global_steps=st.global_step, processes=d.world, device=str(d.device),
+                wall_time_s=time.time() - t_start, best_metric=st.best_metric if st.best_epoch > 0 else None,
+                best_epoch=st.best_epoch if st.best_epoch > 0 else None, skipped_images=st.skipped, last=last,
+                history=st.history, output=str(out), last_checkpoint=str(out / CKPT_LAST), main=d.main)
 
 
-def _export_best(model: nn.Module, out: Path, r: Recipe, cfg: TrainConfig, info: Dict[str, Any]) -> None:
-    """The best weights as ``best_model/`` (safetensors + config) for ``create_model(pretrained=...)``."""
-    from ..models.checkpoints import save_pretrained
-
-    pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    pcfg.update(input_size=(3, r.img_size, r.img_size), num_classes=getattr(model, "num_classes", None))
-    if r.crop_pct is not None:
-        pcfg["crop_pct"] = r.crop_pct
-    model.pretrained_cfg = pcfg
-    save_pretrained(model, out / BEST_MODEL_DIR, extra_config=dict(model_name=cfg.model, model_kwargs=cfg.model_kwargs,
-                                                                   best=info))
-
-
-def _format_summary(s: Dict[str, Any]) -> str:
-    lines = [f"done: {s['model']} ({s['recipe']}), {s['epochs']} epochs, {s['global_steps']} steps on "
-             f"{s['processes']} x {s['device']} in {s['wall_time_s']:.1f} s"]
-    if s["best_top1"] is not None:
-        lines.append(f"  best val top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}); final top-1 "
-                     f"{s['final_top1']:.2f}%" + (f", EMA {s['final_ema_top1']:.2f}%" if s["final_ema_top1"] is not None else ""))
-    if s["skipped_images"]:
-        lines.append(f"  skipped {s['skipped_images']} unreadable image(s) (see the log above)")
-    lines.append(f"  outputs in {s['output']}: last.pt, best.pt, best_model/, history.csv, curves.png, tensorboard/")
-    return "\n".join(lines)
-
-
-def evaluate_checkpoint(data: str, model: str, checkpoint: Optional[str] = None, split: str = "val",
-                        batch_size: int = 64, num_workers: int = 4, img_size: Optional[int] = None,
-                        crop_pct: Optional[float] = None, device: str = "auto") -> Dict[str, Any]:
-    """Top-1 / top-5 of ``model`` on ``data/split`` with the model's eval transform.
-
-    ``checkpoint``: ours (``best_model/``, ``last.pt``, safetensors), the authors' ``evalmodel.pt``,
-    timm's, or ``"hub"`` for timm's weights of the variant; None evaluates random weights. The
-    checkpoint's classifier must have as many classes as the split has class folders (in sorted order).
-    """
-    root = Path(data) / split if (Path(data) / split).is_dir() else Path(data)
-    ds = SafeImageFolder(root)
-    classes = len(ds.classes)
-    pretrained: Any = False
-    if checkpoint:
-        pretrained = True if checkpoint == "hub" else checkpoint
-    saved_img, saved_crop = None, None
-    if isinstance(pretrained, str):
-        p = Path(pretrained)
-        if p.is_dir() and not is_cpubone(model):
-            pretrained = str(p / "model.safetensors")
-        if p.is_file() and p.suffix == ".pt":
-            try:  # our training checkpoints carry the input size they were trained at
-                state = torch.load(str(p), map_location="cpu", weights_only=True)
-                if isinstance(state, dict) and "config" in state:
-                    rec = json.loads(state["config"])["recipe"]
-                    saved_img, saved_crop = rec.get("img_size"), rec.get("crop_pct")
-            except Exception:
-                pass  # not ours: create_model reports unreadable files with a clear message
-    if is_cpubone(model):
-        net = create_model(model, pretrained=pretrained, num_classes=None if pretrained else classes)
-    else:
-        net = create_model(model, pretrained=pretrained, num_classes=classes)
-    if net.num_classes != classes:
-        raise ValueError(f"{checkpoint or model}: the classifier has {net.num_classes} classes but {root} has "
-                         f"{classes} class folders")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    net.to(dev)
-    size = img_size or saved_img or net.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    ds.transform = build_transforms(net, size, None, is_training=False, crop_pct=crop_pct or saved_crop)
-    loader = make_loader(ds, batch_size, None, num_workers, drop_last=False, pin_memory=dev.type == "cuda")
-    m = evaluate(net, loader, dev)
-    return dict(model=model, checkpoint=checkpoint, split=str(root), classes=classes, input_size=size, **m)
+def _epoch_line(task: Task, row: Dict[str, Any]) -> str:
+    parts = [f"{task.name} epoch {row['epoch']}/{task.epochs}", f"step {row['global_step']}",
+             f"train loss {row['train_loss']:.4f}"]
+    for k, v in row.items():
+        if k in ("epoch", "global_step", "train_loss", "lr", "epoch_time_s", "images_per_s") or isinstance(v, (list, dict)):
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    parts.append(f"{row['epoch_time_s']:.1f} s  {row['images_per_s']:.0f} img/s")
+    return "  ".join(parts)
