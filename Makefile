@@ -4,6 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# where torch comes from; on ARM (Raspberry Pi) PyPI's aarch64 torch is a CUDA build that pulls ~4 GB of
+# nvidia-* and triton packages: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the
+# CPU-only build instead (README, "Raspberry Pi 5 / ARM")
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cpubone-installed
 
@@ -12,7 +16,7 @@ STAMP := $(VENV)/.cpubone-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[all]'
 	touch $(STAMP)
 

@@ -59,3 +59,67 @@ def subset_imagefolder(src: Path, dst: Path, per_class: dict) -> Path:
             for f in sorted(cls.iterdir())[:n]:
                 shutil.copy(f, out / f.name)
     return dst
+
+
+# --- a trained model, for judging low precision (random weights give every input the same class) ---
+DIGITS_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """scikit-learn's digits as an ImageFolder (train/ and val/, class folders '0'..'9', 32 px PNGs)."""
+    from cpubone.train.data import write_digits_imagefolder
+
+    return write_digits_imagefolder(tmp_path_factory.mktemp("digits"), size=DIGITS_SIZE)
+
+
+def digits_config():
+    from cpubone.deploy.preprocess import PreprocessConfig
+
+    return PreprocessConfig(input_size=(3, DIGITS_SIZE, DIGITS_SIZE), crop_pct=1.0)
+
+
+def load_split(folder: Path):
+    """(float32 inputs (N, 3, S, S), int labels) of an ImageFolder split, preprocessed as deployed."""
+    import numpy as np
+
+    from cpubone.deploy.preprocess import preprocess
+    from cpubone.images import list_images
+
+    files = list_images(folder)
+    cfg = digits_config()
+    x = np.stack([preprocess(f, cfg) for f in files])
+    y = np.array([int(f.parent.name) for f in files])
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def trained_nano(digits_folder):
+    """cpubone_nano trained on the digits for a few epochs (about 90% val top-1): (training-form model, val x, val y).
+
+    Its pretrained_cfg carries the digits' preprocessing and class names, as ``save_pretrained`` would.
+    """
+    from cpubone.models import create_model
+
+    x, y = load_split(digits_folder / "train")
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = create_model("cpubone_nano", num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    epochs, batch = 5, 64
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(xt) // batch))
+    model.train()
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(xt), generator=g).split(batch):
+            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    cfg = digits_config()
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std,
+                                crop_pct=cfg.crop_pct, label_names=[str(i) for i in range(10)])
+    vx, vy = load_split(digits_folder / "val")
+    return model, vx, vy

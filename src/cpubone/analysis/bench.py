@@ -13,12 +13,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ..deploy.onnx import ExportError
+from ..engines import ExportError, engine_class, get_engine, inference_form, parse_engines, parse_precisions
 from ..models import VARIANTS, create_model, resolve_model_name
 from ..outputs import OutputPathError, ResultsNotWritten, check_output_dir
 from .latency import LatencyResult, check_timing_args, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
@@ -35,6 +35,7 @@ DEFAULT_MODELS: Tuple[str, ...] = (
     "mobilenetv3_large_100", "mobilenetv4_conv_small", "mobilenetv4_conv_medium", "fasternet_t0",
     "efficientvit_b1", "repvit_m1_1", "lowformer_b0",
 )
+# engines the default bench runs without any extra; every engine of cpubone.engines can be named
 ENGINES = ("onnxruntime", "eager")
 
 # Published ImageNet-1k top-1 (%, 224x224) of the peers, from their papers. CPUBone's own values
@@ -71,11 +72,19 @@ def cache_dir() -> Path:
     return Path(base) / "cpubone"
 
 
-def check_args(models: Sequence[str], engine: str = "onnxruntime", threads: int = 1, size: int = 224,
-               runs: int = 50, warmup: int = 10) -> None:
-    """Reject bad input before any work starts, naming the problem."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+def check_args(models: Sequence[str], engine: Union[str, Sequence[str]] = "onnxruntime", threads: int = 1,
+               size: int = 224, runs: int = 50, warmup: int = 10,
+               precision: Union[str, Sequence[str]] = "fp32") -> Tuple[List[str], List[str]]:
+    """Reject bad input before any work starts, naming the problem; returns (engines, precisions).
+
+    Every engine must be installed and every precision run by at least one of them.
+    """
+    engines, precisions = parse_engines(engine), parse_precisions(precision)
+    for e in engines:
+        engine_class(e).require()
+    for p in precisions:
+        if not any(p in engine_class(e).precisions for e in engines):
+            raise ValueError(f"precision {p!r}: none of the engines {', '.join(engines)} runs it")
     check_timing_args(threads, runs, warmup)
     if size < 32:
         raise ValueError(f"size={size}: input side must be at least 32 pixels (the networks downsample by 32)")
@@ -83,6 +92,7 @@ def check_args(models: Sequence[str], engine: str = "onnxruntime", threads: int 
         raise ValueError("no models given")
     for name in models:
         resolve_model_name(name)  # unknown names fail here, before any measuring
+    return engines, precisions
 
 
 def build_model(name: str, seed: int = 0) -> Tuple[nn.Module, bool]:
@@ -90,23 +100,14 @@ def build_model(name: str, seed: int = 0) -> Tuple[nn.Module, bool]:
 
     timm's ``reparameterize_model`` folds the train-time branches of RepViT, MobileOne, FastViT and
     the like into single convs, the form they are deployed and timed in by their authors; measuring
-    them unfolded would be unfair to them.
+    them unfolded would be unfair to them. CPUBone is deployed (and exported by ``cpubone export``) in
+    its inference form. Both through ``cpubone.engines.inference_form``.
     """
-    from timm.utils import reparameterize_model
-
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = create_model(name).eval()
-    if _ours(name):
-        # CPUBone is deployed (and exported by `cpubone export`) in its inference form
-        from ..deploy.reparam import reparameterize
-
-        return reparameterize(model, inplace=True), True
-    # the hooks timm's reparameterize_model calls
-    foldable = any(hasattr(m, a) for m in model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy"))
-    if not foldable:
-        return model, False
-    return reparameterize_model(model).eval(), True
+    form = inference_form(model)
+    return form, form is not model
 
 
 def _export_key(name: str, size: int) -> str:
@@ -130,7 +131,7 @@ def onnx_export(name: str, model: nn.Module, size: int) -> Path:
     The cache key holds the model name, size and torch / timm / onnx / cpubone versions, so a library
     upgrade re-exports; the seeded weights make the cached file the same network ``build_model`` gives.
     """
-    from ..deploy.onnx import export_onnx
+    from ..engines.onnxruntime import export_onnx
 
     path = cache_dir() / "onnx" / _export_key(name, size)
     if not path.exists():
@@ -143,6 +144,8 @@ class BenchRow:
     """One model's figures in a benchmark run."""
 
     model: str
+    engine: str
+    precision: str
     family: str  # "CPUBone" or "peer"
     params: int
     macs: int
@@ -152,6 +155,7 @@ class BenchRow:
     min_ms: float
     gmacps: float
     peak_pct: float  # achieved MACpS as % of the GEMM peak at the same thread count
+    ratio: float  # median latency / that of the model's first engine x precision in this run
     top1: Optional[float]
     top1_source: str
     deploy_form: bool  # reparameterized before timing
@@ -179,11 +183,14 @@ class BenchResult:
     rows: List[BenchRow]
     files: Dict[str, str] = field(default_factory=dict)
     failed: Dict[str, str] = field(default_factory=dict)  # model -> why it could not be measured
+    precisions: List[str] = field(default_factory=lambda: ["fp32"])
+    skipped: List[str] = field(default_factory=list)  # engine x precision that could not be prepared, and why
 
     def to_dict(self) -> dict:
         return dict(
             machine=self.machine.to_dict(), engine=self.engine, threads=self.threads, batch_size=1,
             size=self.size, runs=self.runs, warmup=self.warmup, rounds=self.rounds, channels_last=self.channels_last,
+            precisions=self.precisions, skipped=self.skipped,
             gemm_peak=self.peak.to_dict(), rows=[r.to_dict() for r in self.rows],
             failed=[dict(model=m, error=e) for m, e in self.failed.items()],
         )
@@ -191,14 +198,17 @@ class BenchResult:
 
 @dataclass
 class _Entry:
-    """A model prepared for timing: its figures and a zero-argument call of its engine."""
+    """A model prepared for timing in one engine x precision: its figures and a zero-argument call."""
 
     name: str
     params: int
     macs: int
     deployed: bool
     fn: object
+    engine: str = "onnxruntime"
+    precision: str = "fp32"
     times: List[float] = field(default_factory=list)
+    keep: object = None  # what must stay alive while fn runs (a runner and its files)
 
 
 def _ours(name: str) -> bool:
@@ -215,21 +225,52 @@ def counted_model(name: str, built: nn.Module) -> nn.Module:
     return create_model(name).eval() if _ours(name) else built
 
 
-def _prepare(name: str, engine: str, threads: int, size: int, channels_last: bool) -> _Entry:
+def _calibration(model: nn.Module, size: int, n: int = 8) -> List["np.ndarray"]:
+    """int8 calibration samples for a timing run (random weights: the ranges only need to be plausible)."""
+    from timm.data import resolve_data_config
+
+    from ..engines.verify import photo_samples
+
+    cfg = resolve_data_config(model=model)
+    cfg["input_size"] = (getattr(model, "in_chans", 3), size, size)
+    return photo_samples(cfg, n)
+
+
+def _prepare(name: str, engines: Sequence[str], precisions: Sequence[str], threads: int, size: int,
+             channels_last: bool, skipped: List[str]) -> List[_Entry]:
     model, deployed = build_model(name)
     counted = counted_model(name, model)
-    macs = count_macs(counted, size).total
+    macs, params = count_macs(counted, size).total, count_params(counted)
     shape = (1, getattr(model, "in_chans", 3), size, size)
-    if engine == "onnxruntime":
-        fn = onnx_runner(onnx_export(name, model, size), shape, threads)
-    else:
-        fn = eager_runner(model, shape, channels_last)
-    return _Entry(name, count_params(counted), macs, deployed, fn)
+    calib = None
+    entries = []
+    for engine in engines:
+        for precision in precisions:
+            if precision not in engine_class(engine).precisions:
+                continue
+            keep = None
+            if engine == "onnxruntime" and precision == "fp32":
+                fn = onnx_runner(onnx_export(name, model, size), shape, threads)
+            elif engine == "eager" and precision == "fp32":
+                fn = eager_runner(model, shape, channels_last)
+            else:
+                if precision == "int8" and calib is None:
+                    calib = _calibration(model, size)
+                from ..engines import EngineError
+
+                try:
+                    keep = get_engine(engine).prepare(model, shape, precision, threads, calib=calib)
+                except EngineError as e:  # e.g. bf16 on a CPU without bf16 instructions
+                    skipped.append(f"{name} {engine} {precision}: {e}")
+                    continue
+                fn = keep.timer()
+            entries.append(_Entry(name, params, macs, deployed, fn, engine, precision, keep=keep))
+    return entries
 
 
 def run_bench(
     models: Sequence[str] = DEFAULT_MODELS,
-    engine: str = "onnxruntime",
+    engine: Union[str, Sequence[str]] = "onnxruntime",
     threads: int = 1,
     size: int = 224,
     runs: int = 50,
@@ -238,22 +279,27 @@ def run_bench(
     rounds: int = 5,
     out_dir: Optional[os.PathLike] = "cpubone-bench",
     progress: bool = True,
+    precision: Union[str, Sequence[str]] = "fp32",
 ) -> BenchResult:
     """Benchmark ``models`` at batch 1 and write CSV, JSON, Markdown and a top-1 vs latency plot.
 
-    All models (and the GEMM peak) are prepared first, then timed in ``rounds`` interleaved rounds of
-    about ``runs / rounds`` calls each, so a burst of load from elsewhere on the machine hits every model
+    Every model runs in every engine x precision (where the engine runs that precision). All of them (and
+    the GEMM peak) are prepared first, then timed in ``rounds`` interleaved rounds of about
+    ``runs / rounds`` calls each, so a burst of load from elsewhere on the machine hits every candidate
     alike and the ratios between them stay meaningful.
 
     Args:
         models: CPUBone variants and/or timm model names.
-        engine: 'onnxruntime' (the paper's CPU path) or 'eager' (PyTorch, ``torch.inference_mode``).
+        engine: one or more of ``cpubone.engines.ENGINES`` (a list or 'a,b'); 'onnxruntime' (the paper's CPU
+            path, default) and 'eager' need no extra.
+        precision: one or more of fp32, bf16, int8 (int8 calibrated on scikit-image photos: random
+            weights, so the timings are real but the outputs are not judged here; ``cpubone deploy`` does).
         threads: intra-op threads, pinned for the models and for the GEMM peak.
         size: input side S (S x S), at least 32.
-        runs / warmup: timed calls per model, and untimed calls before its first round (2 before each
+        runs / warmup: timed calls per candidate, and untimed calls before its first round (2 before each
             later round, to bring its weights back into cache).
         channels_last: eager only, run in channels_last memory format.
-        rounds: interleaved rounds (1: each model timed in one go).
+        rounds: interleaved rounds (1: each candidate timed in one go).
         out_dir: where the report files go (None: write nothing); checked before anything is measured.
         progress: show a progress bar on the terminal.
 
@@ -262,9 +308,9 @@ def run_bench(
     Raises ``ResultsNotWritten`` (holding the result) if the report files cannot be written at the end.
     """
     models = list(models) or list(DEFAULT_MODELS)
-    check_args(models, engine, threads, size, runs, warmup)
-    if channels_last and engine != "eager":
-        raise ValueError("channels_last applies to the eager engine only (ONNX Runtime picks its own layout)")
+    engines, precisions = check_args(models, engine, threads, size, runs, warmup, precision)
+    if channels_last and "eager" not in engines:
+        raise ValueError("channels_last applies to the eager engine only (the other runtimes pick their own layout)")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: need at least 1 round")
     threads = usable_threads(threads)
@@ -274,38 +320,44 @@ def run_bench(
     chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
     entries: List[_Entry] = []
     failed: Dict[str, str] = {}
+    skipped: List[str] = []
+    # the GEMM peak in the first engine that has one (ONNX Runtime's MatMul or torch.matmul)
+    peak_engine = next((e for e in engines if e in ENGINES), "onnxruntime")
     with _progress(progress, len(models) + rounds) as step:
-        peak_fn, peak_method = gemm_runner(engine, threads, GEMM_N)
+        peak_fn, peak_method = gemm_runner(peak_engine, threads, GEMM_N)
         peak = _Entry("GEMM peak", 0, GEMM_N ** 3, False, peak_fn)
         for name in models:
             step(f"prepare {name}")
             try:
-                entries.append(_prepare(name, engine, threads, size, channels_last))
+                entries.extend(_prepare(name, engines, precisions, threads, size, channels_last, skipped))
             except ExportError as e:  # one model the exporter cannot convert does not stop the others
                 failed[name] = str(e)
         with torch_threads(threads), torch.inference_mode():
             for r, chunk in enumerate(chunks):
                 step(f"timing round {r + 1}/{rounds}")
                 for e in [peak] + entries:
-                    time_callable(e.fn, chunk, warmup if r == 0 else min(warmup, 2), threads, engine, times=e.times)
+                    time_callable(e.fn, chunk, warmup if r == 0 else min(warmup, 2), threads, e.engine, times=e.times)
         step(None)
-    eng = engine + ("-cl" if channels_last else "")
-    peak_lat = summarize_times(peak.times, warmup, threads, engine)
-    gemm = GemmPeak(engine=engine, method=peak_method, threads=threads, gmacps=peak_lat.macps(peak.macs),
+    label = ",".join(engines) + ("-cl" if channels_last else "")
+    peak_lat = summarize_times(peak.times, warmup, threads, peak_engine)
+    gemm = GemmPeak(engine=peak_engine, method=peak_method, threads=threads, gmacps=peak_lat.macps(peak.macs),
                     latency=peak_lat)
     rows = []
+    first: Dict[str, float] = {}
     for e in entries:
+        eng = e.engine + ("-cl" if channels_last and e.engine == "eager" else "")
         lat = summarize_times(e.times, warmup, threads, eng)
         gmacps = lat.macps(e.macs)
+        first.setdefault(e.name, lat.median_ms)
         top1, source = published_top1(e.name)
         rows.append(BenchRow(
-            model=e.name, family="CPUBone" if _ours(e.name) else "peer",
+            model=e.name, engine=eng, precision=e.precision, family="CPUBone" if _ours(e.name) else "peer",
             params=e.params, macs=e.macs, median_ms=lat.median_ms, p10_ms=lat.p10_ms, p90_ms=lat.p90_ms,
-            min_ms=lat.min_ms, gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps, top1=top1, top1_source=source,
-            deploy_form=e.deployed, latency=lat,
+            min_ms=lat.min_ms, gmacps=gmacps, peak_pct=100.0 * gmacps / gemm.gmacps,
+            ratio=lat.median_ms / first[e.name], top1=top1, top1_source=source, deploy_form=e.deployed, latency=lat,
         ))
-    result = BenchResult(machine_info(), eng, threads, size, runs, warmup, channels_last, gemm, rounds, rows,
-                         failed=failed)
+    result = BenchResult(machine_info(), label, threads, size, runs, warmup, channels_last, gemm, rounds, rows,
+                         failed=failed, precisions=list(precisions), skipped=skipped)
     if out_dir is not None:
         from .report import write_bench_report
 

@@ -116,7 +116,7 @@ def prepare_block(spec: BlockSpec, engine: str = "onnxruntime", threads: int = 1
     shape = (1, spec.width, spec.resolution, spec.resolution)
     macs = count_macs(block, shape).total
     if engine == "onnxruntime":
-        from ..deploy.onnx import export_onnx
+        from ..engines.onnxruntime import export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:  # the session holds the graph once built
             fn = onnx_runner(export_onnx(block, Path(tmp) / "block.onnx", input_size=shape[2:]), shape, threads)

@@ -107,6 +107,15 @@ def _versions() -> Dict[str, str]:
             vers[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    # the other runtimes of cpubone.engines, when installed (from the package metadata: importing
+    # ExecuTorch or OpenVINO just to name their version would take seconds)
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("openvino", "nncf", "executorch", "ai-edge-litert", "ncnn", "pnnx"):
+        try:
+            vers[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     return vers
 
 

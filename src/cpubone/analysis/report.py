@@ -88,22 +88,35 @@ def _save(plt, fig, path: Path, rect: Optional[Tuple[float, float, float, float]
 
 
 def plot_pareto(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
-    """Top-1 vs measured latency (p10-p90 whiskers), CPUBone and peers, with the Pareto front."""
+    """Top-1 vs measured latency (p10-p90 whiskers), CPUBone and peers, with the Pareto front.
+
+    With several engines x precisions, each gets its own colour (CPUBone joined by a line, peers as
+    squares); the front is over all points."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     pts = [r for r in rows if r.get("top1") is not None]
-    for fam, color, marker in (("CPUBone", "tab:red", "o"), ("peer", "tab:blue", "s")):
-        sel = sorted((r for r in pts if r["family"] == fam), key=lambda r: r["median_ms"])
-        if not sel:
-            continue
-        x = [r["median_ms"] for r in sel]
-        y = [r["top1"] for r in sel]
-        err = [[r["median_ms"] - r["p10_ms"] for r in sel], [r["p90_ms"] - r["median_ms"] for r in sel]]
-        ax.errorbar(x, y, xerr=err, fmt=marker + ("-" if fam == "CPUBone" else ""), color=color, capsize=3,
-                    label="CPUBone" if fam == "CPUBone" else "peers (timm)")
-        for r in sel:
-            ax.annotate(r["model"], (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+    combos = list(dict.fromkeys((r.get("engine", ""), r.get("precision", "fp32")) for r in pts))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, combo in enumerate(combos):
+        for fam, color, marker in (("CPUBone", "tab:red", "o"), ("peer", "tab:blue", "s")):
+            sel = sorted((r for r in pts if r["family"] == fam and (r.get("engine", ""), r.get("precision", "fp32"))
+                          == combo), key=lambda r: r["median_ms"])
+            if not sel:
+                continue
+            if len(combos) > 1:
+                color = colors[i % len(colors)]
+                label = f"{fam} {combo[0]} {combo[1]}" if fam == "CPUBone" else None
+            else:
+                label = "CPUBone" if fam == "CPUBone" else "peers (timm)"
+            x = [r["median_ms"] for r in sel]
+            y = [r["top1"] for r in sel]
+            err = [[r["median_ms"] - r["p10_ms"] for r in sel], [r["p90_ms"] - r["median_ms"] for r in sel]]
+            ax.errorbar(x, y, xerr=err, fmt=marker + ("-" if fam == "CPUBone" else ""), color=color, capsize=3,
+                        label=label)
+            if i == 0:  # names once: the other series are the same models, shifted in latency
+                for r in sel:
+                    ax.annotate(r["model"], (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
     front = pareto_front((r["median_ms"], r["top1"]) for r in pts)
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", ls="--", lw=1,
@@ -127,7 +140,7 @@ def unplotted_models(rows: Sequence[Dict[str, Any]]) -> List[str]:
 
 
 BENCH_COLUMNS = [
-    ("model", "model"), ("params", "params"), ("macs", "MACs"), ("median_ms", "median ms"), ("p10_ms", "p10 ms"),
+    ("model", "model"), ("engine", "engine"), ("precision", "precision"), ("ratio", "ratio"), ("params", "params"), ("macs", "MACs"), ("median_ms", "median ms"), ("p10_ms", "p10 ms"),
     ("p90_ms", "p90 ms"), ("gmacps", "GMAC/s"), ("peak_pct", "% of GEMM peak"), ("top1", "top-1 %"),
     ("deploy_form", "reparam."),
 ]
@@ -138,8 +151,9 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
     out_dir = Path(out_dir)
     rows = [r.to_dict() for r in result.rows]
     m = result.machine
+    precisions = ",".join(getattr(result, "precisions", ["fp32"]))
     title = (f"{m.cpu}, {result.engine}, {result.threads} thread(s), batch 1, "
-             f"{result.size}x{result.size}, fp32")
+             f"{result.size}x{result.size}, {precisions}")
     files = {
         "csv": write_csv(rows + [dict(model=name, error=reason) for name, reason in getattr(result, "failed", {}).items()],
                          out_dir / "bench.csv"),
@@ -152,7 +166,9 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
     md = [
         "# cpubone bench", "",
         f"- machine: {m.header(result.threads)}",
-        f"- engine: {result.engine}; threads: {result.threads}; batch 1; input {result.size}x{result.size}; fp32; "
+        f"- engine: {result.engine}; threads: {result.threads}; batch 1; input {result.size}x{result.size}; "
+        f"{precisions} (int8 calibrated on scikit-image photos); ratio = median / the model's first engine x "
+        "precision in this run; "
         f"median of {result.runs} runs after {result.warmup} warm-up runs, in {result.rounds} interleaved rounds; "
         "random weights",
         f"- fp32 GEMM peak: {result.peak.gmacps:.1f} GMAC/s ({result.peak.method}, {result.peak.threads} thread(s))",
@@ -165,6 +181,7 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
         *([f"Not in the plot (no published top-1): {', '.join(missing)}.", ""] if missing else []),
         *(["Not measured (failed):", "", *failed, ""] if failed else []),
         "![top-1 vs latency](bench.png)", "",
+        *([f"Not run: {s}" for s in getattr(result, "skipped", [])] + [""] if getattr(result, "skipped", []) else []),
     ]
     files["md"] = out_dir / "bench.md"
     atomic_write_text(files["md"], "\n".join(md))

@@ -17,7 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="batch-1 latency, MACs and MACpS of CPUBone vs peers on this CPU")
     p.add_argument("models", nargs="*", help="CPUBone variants / timm models (default: CPUBone nano, t0, b0, b1 "
                                              "and seven timm peers)")
-    _engine_args(p, runs=50, warmup=10)
+    p.add_argument("--engine", default="onnxruntime",
+                   help="comma-separated runtimes: onnxruntime (default), openvino, executorch, litert, ncnn, eager, "
+                        "compile, or 'all' installed; every model runs in each (see `cpubone engines`)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated precisions: fp32 (default), bf16, int8; each engine runs those it can")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads, pinned (default 1)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per measurement (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
     p.add_argument("--size", type=int, default=224, help="input side S, S x S (default 224)")
     p.add_argument("--channels-last", action="store_true", help="eager engine: channels_last memory format")
     p.add_argument("--rounds", type=int, default=5,
@@ -50,25 +57,32 @@ def _bench(args: argparse.Namespace) -> int:
     from . import UserError
     from ._render import print_table
 
-    if args.channels_last and args.engine != "eager":
-        raise UserError("--channels-last applies to --engine eager only (ONNX Runtime picks its own layout)")
+    if args.channels_last and "eager" not in args.engine.split(","):
+        raise UserError("--channels-last applies to --engine eager only (the other runtimes pick their own layout)")
     try:
         res = run_bench(args.models, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
                         warmup=args.warmup, channels_last=args.channels_last, rounds=args.rounds, out_dir=args.out,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, precision=args.precision)
         late_error = None
     except ResultsNotWritten as e:  # measured, not saved: show the figures before the error
         res, late_error = e.result, e
     print(res.machine.header(res.threads))
     print(f"fp32 GEMM peak: {res.peak.gmacps:.1f} GMAC/s ({res.peak.method})")
-    rows = [dict(model=r.model, params=r.params, MACs=r.macs, median_ms=r.median_ms, p10_ms=r.p10_ms,
+    many = len({(r.engine, r.precision) for r in res.rows}) > 1
+    rows = [dict(model=r.model, **(dict(engine=r.engine, precision=r.precision, ratio=r.ratio) if many else {}),
+                 params=r.params, MACs=r.macs, median_ms=r.median_ms, p10_ms=r.p10_ms,
                  p90_ms=r.p90_ms, GMACps=r.gmacps, peak_pct=r.peak_pct, top1=r.top1,
                  reparam="yes" if r.deploy_form else "") for r in res.rows]
-    rows += [dict(model=m, params=None, MACs=None, median_ms=None, p10_ms=None, p90_ms=None, GMACps=None,
-                  peak_pct=None, top1=None, reparam="FAILED") for m in res.failed]
-    print_table(rows, title=f"batch 1, {res.size}x{res.size}, {res.engine}, {res.threads} thread(s)")
+    if rows:
+        rows += [dict({k: None for k in rows[0]}, model=m, reparam="FAILED") for m in res.failed]
+    else:
+        rows = [dict(model=m, reparam="FAILED") for m in res.failed]
+    print_table(rows, title=f"batch 1, {res.size}x{res.size}, {res.engine}, {','.join(res.precisions)}, "
+                            f"{res.threads} thread(s)" + ("; ratio = median / the model's first row" if many else ""))
     for reason in res.failed.values():
         print(f"cpubone bench: not measured: {reason}", file=sys.stderr)
+    for s in res.skipped:
+        print(f"not run: {s}")
     missing = unplotted_models([r.to_dict() for r in res.rows])
     if late_error is not None:
         print(f"cpubone bench: error: {late_error}", file=sys.stderr)

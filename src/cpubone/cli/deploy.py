@@ -24,13 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("predict", help="classify images with an exported ONNX model (no torch needed) or saved weights",
+    p = sub.add_parser("predict", help="classify images with an exported model (no torch needed) or saved weights",
                        usage="cpubone predict MODEL IMAGE_OR_FOLDER... [options]\n"
                              "       cpubone predict IMAGE_OR_FOLDER... --onnx FILE [options]")
     p.add_argument("inputs", nargs="+", metavar="MODEL IMAGE",
-                   help="the model (an .onnx file written by `cpubone export`: no torch needed; or weights: a "
-                        "save_pretrained folder such as best_model/, .safetensors, .pt), then image files and "
-                        "folders of images")
+                   help="the model (a file written by `cpubone export` or `cpubone deploy`: .onnx, .xml (OpenVINO), "
+                        ".tflite, .ncnn.param need no torch, .pte and .pt2 do; or weights: a save_pretrained folder "
+                        "such as best_model/, .safetensors, .pt), then image files and folders of images")
     p.add_argument("--onnx", metavar="FILE", help="the model as an option; then every positional is an image")
     p.add_argument("--model", dest="architecture", metavar="NAME",
                    help="architecture of weights saved without a config (e.g. the authors' evalmodel.pt)")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..engines.base import ExportError  # defined with the engines: analysis catches it without importing deploy
 from .preprocess import ImageLike, PreprocessConfig, preprocess
 
 __all__ = ["export_onnx", "export_model", "verify_onnx", "model_metadata", "read_metadata", "sample_photos",
@@ -38,10 +39,6 @@ MIN_OPSET, MAX_OPSET = 14, 20
 
 class ExportVerificationError(ValueError):
     """ONNX Runtime's outputs differ from PyTorch's by more than the tolerance."""
-
-
-class ExportError(ValueError):
-    """The exporter could not convert the model; the message names the model and the exporter's reason."""
 
 
 def check_opset(opset: int) -> None:
@@ -189,14 +186,7 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
 
 
 # --- verification -------------------------------------------------------------------------------
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
-
-
-def sample_photos(names: Sequence[str] = SKIMAGE_PHOTOS) -> List[Tuple[str, np.ndarray]]:
-    """Real photos bundled with scikit-image (no download), as (name, uint8 array)."""
-    from skimage import data
-
-    return [(n, getattr(data, n)()) for n in names]
+from ..engines.verify import SKIMAGE_PHOTOS, sample_photos  # noqa: E402,F401  (one definition, shared)
 
 
 def photo_inputs(cfg: PreprocessConfig, photos: Optional[Sequence[Tuple[str, ImageLike]]] = None
@@ -267,7 +257,7 @@ def verify_onnx(
     eval preprocessing (``cfg``). The allowed difference is ``tolerance * max(1, max |logit|)``. Raises
     ``ExportVerificationError`` naming the worst input when it is exceeded.
     """
-    from ..analysis.latency import ort_session
+    from ..engines.onnxruntime import ort_session
 
     sess = ort_session(path, threads=1)
     model.eval()
@@ -417,7 +407,7 @@ def export_model(
 def compare_onnx(reference: Union[str, os.PathLike], candidate: Union[str, os.PathLike], cfg: PreprocessConfig,
                  photos: Optional[Sequence[Tuple[str, ImageLike]]] = None) -> List[VerifyResult]:
     """Two ONNX files on the same real photos: max abs difference and top-1 agreement (no tolerance)."""
-    from ..analysis.latency import ort_session
+    from ..engines.onnxruntime import ort_session
 
     ref_sess, cand_sess = ort_session(reference), ort_session(candidate)
     results = []

@@ -1,8 +1,9 @@
-"""Image classification with an exported ONNX file (onnxruntime, numpy and Pillow only) or with saved
+"""Image classification with an exported file (its runtime, numpy and Pillow only) or with saved
 PyTorch weights, showing the class names stored with the model.
 
-The ONNX file carries everything needed (written by ``cpubone export``): the eval preprocessing (input
-size, mean, std, crop_pct, interpolation, crop mode) and the class names. ``Predictor`` and this module
+An exported file carries everything needed (written by ``cpubone export`` / ``cpubone deploy``; ONNX in
+its metadata, the other runtimes in ``FILE.json`` beside it): the eval preprocessing (input size, mean,
+std, crop_pct, interpolation, crop mode) and the class names. ``Predictor`` and this module
 must never import torch (a test checks ``sys.modules``), so they work in slim deployment images;
 ``TorchPredictor`` imports torch only when it is built. The command line is ``cpubone predict``.
 """
@@ -93,43 +94,63 @@ class _Classifier:
 
 
 class Predictor(_Classifier):
-    """An ONNX Runtime classifier that preprocesses images as the model's metadata says.
+    """A classifier from any file ``cpubone export`` / ``cpubone deploy`` writes, preprocessing images as its
+    metadata says.
+
+    The runtime is chosen by the file's ending (``.onnx``: ONNX Runtime, ``.xml``: OpenVINO, ``.tflite``:
+    LiteRT, ``.ncnn.param``: ncnn, ``.pte``: ExecuTorch, ``.pt2``: AOTInductor); the first four run
+    without torch. The metadata is in ``FILE.json`` beside the file (``cpubone deploy``) or, for ONNX, in
+    its ``metadata_props`` (``cpubone export``).
 
     Args:
-        onnx_path: a file written by ``cpubone export`` (fp32 or int8).
-        threads: ONNX Runtime intra-op threads.
+        model_path: the model file (fp32 or int8).
+        threads: the runtime's intra-op threads.
     """
 
-    def __init__(self, onnx_path: Union[str, os.PathLike], threads: int = 1) -> None:
-        import onnxruntime as ort
+    def __init__(self, model_path: Union[str, os.PathLike], threads: int = 1) -> None:
+        from ..engines import load_artifact
 
-        path = Path(onnx_path)
+        path = Path(model_path)
         if not path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for malformed files
-            raise ValueError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {e})") from e
-        meta = self.session.get_modelmeta().custom_metadata_map
+            raise FileNotFoundError(f"{'ONNX model' if path.suffix == '.onnx' else 'model file'} not found: {path}")
+        meta = _read_metadata(path)
+        self.runner = load_artifact(path, threads)
         try:
             self.config = PreprocessConfig.from_metadata(meta)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         labels = json.loads(meta.get("cpubone.labels", "null"))
         self.labels: Optional[List[str]] = labels
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        channels = inp.shape[1]
-        if isinstance(channels, int) and channels != self.config.input_size[0]:
+        channels = self.runner.input_shape[1]
+        if channels != -1 and channels != self.config.input_size[0]:
             raise ValueError(f"{path}: metadata says {self.config.input_size[0]} input channels, graph has {channels}")
         self.path = path
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+        return self.runner(x)
+
+
+def _read_metadata(path: Path) -> Dict[str, str]:
+    """The preprocessing / class-name metadata of a model file: ``FILE.json`` beside it, else (ONNX) its
+    ``metadata_props``."""
+    side = Path(str(path) + ".json")
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{side}: not JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{side}: expected a JSON object of metadata")
+        return {str(k): str(v) for k, v in meta.items()}
+    if path.suffix == ".onnx":
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # onnx raises DecodeError and others for files that are not ONNX
+            raise ValueError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {e})") from e
+        return {p.key: p.value for p in proto.metadata_props}
+    raise ValueError(f"{path}: no metadata (expected {side.name} beside it, as `cpubone deploy` writes)")
 
 
 def _name(image: ImageLike, i: int) -> str:
@@ -172,19 +193,26 @@ class TorchPredictor(_Classifier):
             torch.set_num_threads(old)
 
 
+def _artifact_suffixes() -> Tuple[str, ...]:
+    from ..engines import engine_class, engine_names
+
+    return tuple(s for s in (engine_class(e).suffix for e in engine_names()) if s)
+
+
 def open_classifier(model: PathLike, threads: int = 1, architecture: Optional[str] = None) -> _Classifier:
-    """A ``Predictor`` for an .onnx file (no torch), else a ``TorchPredictor`` for saved weights."""
+    """A ``Predictor`` for an exported file (.onnx, .xml, .tflite, .ncnn.param: no torch; .pte, .pt2), else a
+    ``TorchPredictor`` for saved weights."""
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
-    if path.suffix.lower() == ".onnx":
+    if path.name.lower().endswith(_artifact_suffixes()):
         if architecture:
-            raise ValueError(f"{path}: an ONNX file names its own model; no architecture needed")
+            raise ValueError(f"{path}: an exported file names its own model; no architecture needed")
         return Predictor(path, threads)
     if path.is_dir() or path.suffix.lower() in WEIGHT_SUFFIXES:
         return TorchPredictor(path, architecture, threads)
-    raise ValueError(f"{path}: not a model: expected an .onnx file, a save_pretrained folder or weights "
-                     f"({', '.join(WEIGHT_SUFFIXES)})")
+    raise ValueError(f"{path}: not a model: expected an exported file ({', '.join(_artifact_suffixes())}), "
+                     f"a save_pretrained folder or weights ({', '.join(WEIGHT_SUFFIXES)})")
 
 
 def expand_images(inputs: Sequence[PathLike]) -> Tuple[List[Path], List[Prediction]]:

@@ -96,19 +96,21 @@ class _ImageReader:
 def quantize_onnx(
     model_path: PathLike,
     output: PathLike,
-    calib_dir: PathLike,
+    calib_dir: Optional[PathLike] = None,
     exclude: Union[str, Sequence[str]] = "first,last",
     max_images: int = 64,
     per_channel: bool = True,
     calibrate_method: str = "minmax",
     skip_optimization: bool = False,
     op_types: Optional[Sequence[str]] = None,
+    calib_data: Optional[Sequence["np.ndarray"]] = None,
 ) -> Path:
     """Write a static-QDQ int8 copy of the fp32 ONNX file ``model_path`` to ``output``.
 
     Args:
         calib_dir: folder of calibration images (any layout, searched recursively; unreadable files are
             skipped and counted).
+        calib_data: instead of ``calib_dir``, already preprocessed (1, C, H, W) float32 samples.
         exclude: node names and/or ``EXCLUDE_GROUPS`` names kept in float; a comma-separated string works.
         max_images: calibration images used (the first ones in sorted order).
         per_channel: per-output-channel weight scales (symmetric int8 weights, uint8 activations).
@@ -134,8 +136,17 @@ def quantize_onnx(
     proto = onnx.load(str(model_path))
     meta = {p.key: p.value for p in proto.metadata_props}
     cfg = PreprocessConfig.from_metadata(meta)
-    files = list_images(calib_dir)[:max_images]
-    reader = _ImageReader(files, cfg, proto.graph.input[0].name)
+    if calib_data is not None:
+        reader = _ImageReader([], cfg, proto.graph.input[0].name)
+        reader.batches = [{proto.graph.input[0].name: x} for x in calib_data][:max_images]
+        reader.rewind()
+        if not reader.batches:
+            raise ValueError("no calibration samples given")
+    elif calib_dir is None:
+        raise ValueError("int8 calibration needs a folder of images or preprocessed samples")
+    else:
+        files = list_images(calib_dir)[:max_images]
+        reader = _ImageReader(files, cfg, proto.graph.input[0].name)
     if not reader.batches:
         raise ValueError(f"no readable calibration images in {calib_dir} "
                          f"({len(files)} image files, {len(reader.skipped)} unreadable)")

@@ -58,7 +58,7 @@ def _run(it, x: np.ndarray) -> np.ndarray:
 def measure_litert(path: Union[str, os.PathLike], input_shape: Sequence[int], threads: int = 1, runs: int = 50,
                    warmup: int = 10, seed: int = 0):
     """Batch-1 latency of a .tflite file in LiteRT, timed by the project's one harness."""
-    from ..analysis.latency import time_callable
+    from ..engines.timing import time_callable
 
     it = litert_interpreter(path, threads)
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)

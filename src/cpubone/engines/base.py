@@ -1,0 +1,197 @@
+"""The one small interface every CPU runtime is used through.
+
+An ``Engine`` turns a network into a ``Runner``: either from the inference form (a ``torch.nn.Module``
+in eval mode, ``Engine.prepare``) or from a file it exported before (``Engine.load``). A runner runs a
+float32 batch (N, C, H, W) -> (N, classes) on numpy arrays with a pinned thread count, knows its
+precision and describes itself. Nothing here imports torch at module level: ``load`` of the runtimes
+that do not need torch (ONNX Runtime, OpenVINO, LiteRT, ncnn) works in a torch-free install.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = ["PRECISIONS", "Engine", "Runner", "EngineError", "ExportError", "MissingExtraError", "check_threads"]
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+PathLike = Union[str, os.PathLike]
+
+
+class EngineError(ValueError):
+    """A runtime cannot do what was asked (precision, input, file); the message names the problem."""
+
+
+class ExportError(EngineError):
+    """The exporter could not convert the model; the message names the model and the exporter's reason."""
+
+
+class MissingExtraError(EngineError):
+    """The runtime's Python package is not installed; the message names the extra that installs it."""
+
+
+def check_threads(threads: int) -> int:
+    if not isinstance(threads, int) or threads < 1:
+        raise EngineError(f"threads={threads}: need at least 1 thread")
+    return threads
+
+
+@dataclass
+class Runner:
+    """A prepared network in one runtime: call it on a float32 (N, C, H, W) array.
+
+    ``run_one`` takes one (1, C, H, W) sample: every runtime here is prepared for batch 1 (the latency
+    regime the project measures), so a batch runs sample by sample.
+
+    Attributes:
+        engine / precision / threads: what runs it.
+        input_shape: the (1, C, H, W) it was prepared for.
+        artifact: the file it runs from (None for in-process engines: eager).
+        files: every file that makes up the artifact (ncnn: .param + .bin).
+        info: engine-specific facts for reports (e.g. ExecuTorch's XNNPACK partition count).
+    """
+
+    engine: str
+    precision: str
+    threads: int
+    input_shape: Tuple[int, ...]
+    run_one: Callable[[np.ndarray], np.ndarray]
+    artifact: Optional[Path] = None
+    files: List[Path] = field(default_factory=list)
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or any(want not in (-1, got) for want, got in zip(self.input_shape[1:], x.shape[1:])):
+            raise EngineError(f"{self.engine}: input of shape {tuple(x.shape)}, prepared for "
+                              f"(N, {', '.join(map(str, self.input_shape[1:]))})")
+        return np.concatenate([np.asarray(self.run_one(x[i:i + 1]), dtype=np.float32).reshape(1, -1)
+                               for i in range(x.shape[0])], 0)
+
+    def timer(self, seed: int = 0) -> Callable[[], object]:
+        """A zero-argument call on a fixed random sample (prepared once, outside the timed region)."""
+        x = np.random.default_rng(seed).standard_normal(self.input_shape).astype(np.float32)
+        run = self.run_one
+        return lambda: run(x)
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} {self.precision}"
+
+    def describe(self) -> Dict[str, Any]:
+        return dict(engine=self.engine, precision=self.precision, threads=self.threads,
+                    input_shape=list(self.input_shape), artifact=str(self.artifact) if self.artifact else None,
+                    **{k: v for k, v in self.info.items() if not k.startswith("_")})
+
+
+class Engine:
+    """A CPU runtime behind the project's interface (subclasses: one module per runtime).
+
+    Class attributes:
+        name: what ``--engine`` calls it.
+        title: its name in reports.
+        extra: the pip extra that installs it (``pip install 'cpubone[extra]'``).
+        load_extra: the extra that is enough to run its files (default: ``extra``).
+        modules: import names it needs to prepare a model (from the inference form).
+        load_modules: import names it needs to run an exported file (its torch-free subset).
+        precisions: what it runs, a subset of ``PRECISIONS``.
+        suffix: the artifact's file name ending.
+        torch_free: whether ``load`` runs without torch.
+    """
+
+    name = ""
+    title = ""
+    extra = ""
+    load_extra = ""
+    modules: Tuple[str, ...] = ()
+    load_modules: Tuple[str, ...] = ()
+    precisions: Tuple[str, ...] = ("fp32",)
+    suffix = ""
+    torch_free = False
+    # relative fp32 tolerance vs PyTorch (x max(1, max |logit|)); engines that reorder float sums more
+    # freely than ONNX Runtime (Winograd, different GEMM blocking) get a looser one, stated in the docs
+    tolerance = 1e-4
+
+    @classmethod
+    def missing(cls, for_load: bool = False) -> List[str]:
+        """The import names of this runtime that are not installed."""
+        mods = cls.load_modules if for_load else cls.modules
+        return [m for m in mods if importlib.util.find_spec(m) is None]
+
+    @classmethod
+    def available(cls, for_load: bool = False) -> bool:
+        return not cls.missing(for_load)
+
+    @classmethod
+    def require(cls, for_load: bool = False) -> None:
+        """Raise ``MissingExtraError`` (one line naming the extra) when the runtime is not installed."""
+        missing = cls.missing(for_load)
+        if missing:
+            extra = (cls.load_extra or cls.extra) if for_load else cls.extra
+            raise MissingExtraError(f"engine {cls.name!r} needs {', '.join(missing)}: "
+                                    f"pip install 'cpubone[{extra}]'")
+
+    @classmethod
+    def check_precision(cls, precision: str) -> None:
+        if precision not in cls.precisions:
+            raise EngineError(f"engine {cls.name!r} does not run precision {precision!r} "
+                              f"(it runs {', '.join(cls.precisions)})")
+
+    def prepare(self, model: Any, input_shape: Sequence[int], precision: str = "fp32", threads: int = 1,
+                calib: Optional[Sequence[np.ndarray]] = None, workdir: Optional[PathLike] = None) -> Runner:
+        """A runner for ``model`` (the inference form, eval mode) at ``input_shape`` (1, C, H, W).
+
+        Args:
+            precision: one of ``self.precisions``.
+            calib: int8 only: preprocessed (1, C, H, W) float32 samples to calibrate activation ranges on.
+            workdir: folder for the artifact (a temporary folder when None: kept alive by the runner).
+        """
+        self.require()
+        self.check_precision(precision)
+        check_threads(threads)
+        input_shape = tuple(int(s) for s in input_shape)
+        if len(input_shape) != 4 or input_shape[0] != 1:
+            raise EngineError(f"input shape {input_shape}: expected (1, C, H, W)")
+        if precision == "int8" and not calib:
+            raise EngineError(f"engine {self.name!r}: int8 needs calibration samples")
+        if workdir is None:
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory(prefix=f"cpubone-{self.name}-")
+            runner = self._prepare(model, input_shape, precision, threads, calib, Path(tmp.name))
+            runner.info.setdefault("_tmp", tmp)  # the folder lives as long as the runner
+            return runner
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        return self._prepare(model, input_shape, precision, threads, calib, workdir)
+
+    def load(self, path: PathLike, threads: int = 1) -> Runner:
+        """A runner for a file this engine wrote (``runner.artifact``)."""
+        self.require(for_load=True)
+        check_threads(threads)
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.title} model not found: {path}")
+        return self._load(path, threads)
+
+    # --- what each runtime implements ---
+    def _prepare(self, model: Any, input_shape: Tuple[int, ...], precision: str, threads: int,
+                 calib: Optional[Sequence[np.ndarray]], workdir: Path) -> Runner:
+        raise NotImplementedError
+
+    def _load(self, path: Path, threads: int) -> Runner:
+        raise EngineError(f"engine {self.name!r} has no file to load; prepare it from the model")
+
+
+def calibration_batches(calib: Iterable[np.ndarray]) -> List[np.ndarray]:
+    """Calibration samples as contiguous float32 (1, C, H, W) arrays."""
+    out = []
+    for x in calib:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out.append(x[None] if x.ndim == 3 else x)
+    return out

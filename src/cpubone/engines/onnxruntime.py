@@ -1,0 +1,103 @@
+"""ONNX Runtime (the default engine, the paper's CPU path): fp32, and int8 as static QDQ.
+
+The network is exported with the project's ONNX exporter (``cpubone.deploy.onnx.export_onnx``); int8 is
+ONNX Runtime's static quantization (per-channel weights, the stem and classifier kept in float, see
+``cpubone.deploy.quantize``). Loading a ``.onnx`` file needs onnxruntime and numpy only.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .base import Engine, EngineError, Runner, calibration_batches, check_threads
+
+__all__ = ["OnnxRuntimeEngine", "ort_session", "export_onnx"]
+
+
+def export_onnx(model, path, input_size=(224, 224), **kwargs) -> Path:
+    """The project's ONNX exporter (``cpubone.deploy.onnx.export_onnx``; imported on use, it needs torch)."""
+    from ..deploy.onnx import export_onnx as export
+
+    return export(model, path, input_size, **kwargs)
+
+
+def ort_session(path: Union[str, os.PathLike], threads: int = 1, enable_profiling: bool = False,
+                optimized_model_path: Optional[str] = None, profile_prefix: Optional[str] = None):
+    """An ONNX Runtime CPU session with pinned thread counts and all graph optimizations on.
+
+    ``enable_profiling`` needs ``profile_prefix`` (a path prefix for the trace file): ONNX Runtime would
+    otherwise write it into the current directory.
+    """
+    import onnxruntime as ort
+
+    check_threads(threads)
+    if enable_profiling and not profile_prefix:
+        raise ValueError("profiling needs profile_prefix: where ONNX Runtime writes its trace file")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = enable_profiling
+    if profile_prefix:
+        so.profile_file_prefix = str(profile_prefix)
+    if optimized_model_path:
+        so.optimized_model_filepath = optimized_model_path
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for malformed files
+        raise EngineError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+    title = "ONNX Runtime"
+    extra = "deploy"
+    modules = ("onnxruntime", "onnx", "onnxscript")
+    load_modules = ("onnxruntime",)
+    precisions = ("fp32", "int8")
+    suffix = ".onnx"
+    torch_free = True
+
+    def _prepare(self, model, input_shape: Tuple[int, ...], precision: str, threads: int,
+                 calib: Optional[Sequence[np.ndarray]], workdir: Path) -> Runner:
+        path = export_onnx(model, workdir / "model.onnx", input_size=input_shape[2:])
+        if precision == "int8":
+            from ..deploy.preprocess import PreprocessConfig
+
+            # quantize_onnx reads the preprocessing from the file; the engine gets preprocessed samples
+            _add_metadata(path, PreprocessConfig(input_size=input_shape[1:], mean=(0.0,) * input_shape[1],
+                                                 std=(1.0,) * input_shape[1]).to_metadata())
+            from ..deploy.quantize import quantize_onnx
+
+            path = quantize_onnx(path, workdir / "model.int8.onnx", calib_data=calibration_batches(calib),
+                                 max_images=len(calib))
+        runner = self._load(path, threads)
+        runner.precision = precision
+        return runner
+
+    def _load(self, path: Path, threads: int) -> Runner:
+        sess = ort_session(path, threads)
+        inp = sess.get_inputs()[0]
+        meta = sess.get_modelmeta().custom_metadata_map
+        precision = "int8" if meta.get("cpubone.int8") == "true" else "fp32"
+        shape = tuple(d if isinstance(d, int) else -1 for d in inp.shape)
+        name = inp.name
+        run = lambda x: sess.run(None, {name: x})[0]  # noqa: E731
+        return Runner(self.name, precision, threads, shape, run, artifact=path, files=[path],
+                      info=dict(_session=sess))
+
+
+def _add_metadata(path: Path, meta: dict) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    have = {p.key for p in proto.metadata_props}
+    for k, v in meta.items():
+        if k not in have:
+            e = proto.metadata_props.add()
+            e.key, e.value = k, v
+    onnx.save(proto, str(path))

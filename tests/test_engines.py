@@ -1,0 +1,188 @@
+"""The engine layer: every runtime reproduces the training form in fp32, loads its own file back (without
+torch where it can), runs low precision close to fp32 on a trained model, and names its missing extra."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cpubone.deploy.preprocess import PreprocessConfig
+from cpubone.engines import (ENGINES, EngineError, MissingExtraError, available_engines, engine_class,
+                             engine_for_file, get_engine, inference_form, load_artifact, parse_engines,
+                             parse_precisions)
+from cpubone.engines.verify import EngineVerificationError, agreement, torch_reference, verification_inputs, verify_fp32
+from cpubone.models import create_model
+
+from conftest import trained_like
+
+SIZE = 64
+SHAPE = (1, 3, SIZE, SIZE)
+FP32 = [e for e in ENGINES if e != "litert"] + ["litert"]
+
+
+def _installed(name, for_load=False):
+    if not engine_class(name).available(for_load):
+        pytest.skip(f"{name} not installed here ({', '.join(engine_class(name).missing(for_load))}); "
+                    f"its missing-extra error is tested below")
+
+
+@pytest.fixture(scope="module")
+def nano():
+    torch.manual_seed(0)
+    model = trained_like(create_model("cpubone_nano"))
+    return model, inference_form(model)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return verification_inputs(PreprocessConfig(input_size=(3, SIZE, SIZE)))
+
+
+@pytest.fixture(scope="module")
+def fp32_runners(nano, tmp_path_factory):
+    """Each installed engine's fp32 runner of nano at 64x64, prepared once (conversions are the slow part)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            _installed(name)
+            cache[name] = get_engine(name).prepare(nano[1], SHAPE, "fp32", workdir=tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", FP32)
+def test_fp32_matches_training_form_and_reloads(name, nano, inputs, fp32_runners):
+    runner = fp32_runners(name)
+    checks = verify_fp32(runner, nano[0], inputs)
+    assert len(checks) == len(inputs) and all(c.top1_agree for c in checks)
+    assert runner.describe()["engine"] == name and runner.describe()["precision"] == "fp32"
+    batch = np.concatenate([x for _, x in inputs[:3]])
+    out = runner(batch)  # a batch runs sample by sample
+    assert out.shape == (3, 1000)
+    np.testing.assert_allclose(out, torch_reference(nano[0])(batch), atol=1e-4 * max(1, np.abs(out).max()))
+    if name == "executorch":
+        assert runner.describe()["partitions"] >= 1 and isinstance(runner.describe()["portable_ops"], dict)
+    if runner.artifact is not None:
+        assert engine_for_file(runner.artifact) == name
+        again = load_artifact(runner.artifact)
+        np.testing.assert_array_equal(again(inputs[1][1]), runner(inputs[1][1]))
+
+
+def test_wrong_input_shape_and_bad_precision(fp32_runners):
+    runner = fp32_runners("onnxruntime")
+    with pytest.raises(EngineError, match=r"input of shape \(1, 3, 32, 32\), prepared for \(N, 3, 64, 64\)"):
+        runner(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(EngineError, match="does not run precision 'bf16'"):
+        get_engine("onnxruntime").prepare(torch.nn.Identity(), SHAPE, "bf16")
+    with pytest.raises(EngineError, match="int8 needs calibration samples"):
+        get_engine("onnxruntime").prepare(torch.nn.Identity(), SHAPE, "int8")
+
+
+def test_verification_refuses_a_wrong_engine(nano, inputs, fp32_runners):
+    runner = fp32_runners("onnxruntime")
+    other = create_model("cpubone_nano").eval()  # different weights: the engine computes something else
+    with pytest.raises(EngineVerificationError, match=r"onnxruntime fp32 .* disagrees with PyTorch: max abs"):
+        verify_fp32(runner, other, inputs)
+
+
+def test_torch_free_predict_on_every_artifact_kind(fp32_runners, tmp_path):
+    """``cpubone predict`` runs the files of the runtimes that need no torch in a process where torch fails to
+    import; the metadata sits beside each file as FILE.json (what ``cpubone deploy`` writes)."""
+    import json
+
+    from skimage import data
+    from PIL import Image
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    meta = dict(PreprocessConfig(input_size=(3, SIZE, SIZE)).to_metadata(), **{"cpubone.labels": "null"})
+    files = {}
+    for name in ENGINES:
+        cls = engine_class(name)
+        if cls.torch_free and cls.available():
+            path = fp32_runners(name).artifact
+            (path.parent / (path.name + ".json")).write_text(json.dumps(meta))
+            files[name] = str(path)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from cpubone.cli import main\n"
+        f"for name, path in {files!r}.items():\n"
+        f"    assert main(['predict', path, {str(tmp_path / 'astronaut.png')!r}, '--topk', '1', '--json']) == 0\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    top = [line for line in out.stdout.splitlines() if '"index"' in line]
+    assert len(top) == len(files) >= 1 and len(set(top)) == 1  # every runtime gives the same class
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_missing_extra_is_one_line_naming_it(name, monkeypatch):
+    cls = engine_class(name)
+    monkeypatch.setattr(cls, "modules", cls.modules + ("cpubone_no_such_runtime",))
+    with pytest.raises(MissingExtraError) as e:
+        get_engine(name)
+    msg = str(e.value)
+    assert "\n" not in msg and "cpubone_no_such_runtime" in msg and f"pip install 'cpubone[{cls.extra}]'" in msg
+
+
+def test_registry_parsing_errors():
+    assert parse_engines("onnxruntime, eager,onnxruntime") == ["onnxruntime", "eager"]
+    assert parse_precisions("fp32,int8") == ["fp32", "int8"]
+    with pytest.raises(EngineError, match="unknown engine 'tensorrt'"):
+        parse_engines("onnxruntime,tensorrt")
+    with pytest.raises(EngineError, match="unknown precision 'fp8'"):
+        parse_precisions("fp8")
+    with pytest.raises(EngineError, match=r"model\.pth: unknown model file type"):
+        engine_for_file("model.pth")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_artifact("missing.onnx")
+
+
+# --- low precision, on a trained model ---
+@pytest.fixture(scope="module")
+def trained(trained_nano):
+    model, vx, vy = trained_nano
+    ref = torch_reference(model)(vx)
+    assert (ref.argmax(-1) == vy).mean() > 0.9, "the digits model did not train"
+    return model, inference_form(model), vx, vy, ref
+
+
+@pytest.mark.parametrize("name,precision", [("onnxruntime", "int8"), ("openvino", "int8"), ("openvino", "bf16"),
+                                            ("executorch", "int8"), ("eager", "bf16")])
+def test_low_precision_agrees_with_fp32_on_a_trained_model(name, precision, trained, tmp_path):
+    _installed(name)
+    model, form, vx, vy, ref = trained
+    calib = [vx[i:i + 1] for i in range(0, 64)]
+    try:
+        runner = get_engine(name).prepare(form, (1, *vx.shape[1:]), precision, calib=calib, workdir=tmp_path)
+    except EngineError as e:
+        if "no bf16 instructions" in str(e):
+            pytest.skip(str(e))
+        raise
+    assert runner.precision == precision
+    held_out = slice(64, None)  # not the calibration images
+    agree = agreement(runner(vx[held_out]), ref[held_out], vy[held_out])
+    assert agree.top1_agreement >= 0.97, agree
+    assert agree.accuracy_drop <= 2.0, agree
+    if runner.artifact is not None:  # the file keeps its precision
+        assert load_artifact(runner.artifact).precision == precision
+
+
+
+def test_deploy_and_analysis_do_not_import_each_other():
+    """Both reach the runtimes through cpubone.engines (issue 11)."""
+    import ast
+    from pathlib import Path
+
+    import cpubone
+
+    root = Path(cpubone.__file__).parent
+    for pkg, other in (("deploy", "analysis"), ("analysis", "deploy")):
+        for f in (root / pkg).glob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    target = ("." * node.level) + node.module
+                    assert not target.startswith((f"..{other}", f"cpubone.{other}")), f"{f.name} imports {target}"
