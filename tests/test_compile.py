@@ -63,9 +63,12 @@ def test_compiled_training_any_size_matches_eager():
         out.square().mean().backward()
         ref.square().mean().backward()
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{hw}: {m}")
+        largest = max(q.grad.abs().max().item() for q in eager.parameters())
         for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-            scale = q.grad.abs().max().item() + 1e-12  # relative to the tensor's largest gradient
-            assert (p.grad - q.grad).abs().max().item() <= 1e-3 * scale, (hw, name)
+            # relative to the tensor's largest gradient, plus float noise where the gradient is zero in
+            # exact arithmetic (train-mode BatchNorm removes the shift of the norm before Lowtention)
+            allowed = 1e-3 * q.grad.abs().max().item() + 1e-6 * largest
+            assert (p.grad - q.grad).abs().max().item() <= allowed, (hw, name)
         model.zero_grad()
         eager.zero_grad()
     # the BatchNorm statistics were updated alike (compiled training mutates the real buffers)
