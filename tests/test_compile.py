@@ -77,6 +77,7 @@ def test_compiled_training_any_size_matches_eager():
             torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow
 def test_compiled_inference_form_any_size_matches_eager():
     model = reparameterize(_nano(), pad_mode="crop")
     compiled = torch.compile(model)
