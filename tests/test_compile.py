@@ -63,9 +63,12 @@ def test_compiled_training_any_size_matches_eager():
         out.square().mean().backward()
         ref.square().mean().backward()
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{hw}: {m}")
+        largest = max(q.grad.abs().max().item() for q in eager.parameters())
         for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-            scale = q.grad.abs().max().item() + 1e-12  # relative to the tensor's largest gradient
-            assert (p.grad - q.grad).abs().max().item() <= 1e-3 * scale, (hw, name)
+            # relative to the tensor's largest gradient, plus float noise where the gradient is zero in
+            # exact arithmetic (train-mode BatchNorm removes the shift of the norm before Lowtention)
+            allowed = 1e-3 * q.grad.abs().max().item() + 1e-6 * largest
+            assert (p.grad - q.grad).abs().max().item() <= allowed, (hw, name)
         model.zero_grad()
         eager.zero_grad()
     # the BatchNorm statistics were updated alike (compiled training mutates the real buffers)
@@ -74,6 +77,7 @@ def test_compiled_training_any_size_matches_eager():
             torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow
 def test_compiled_inference_form_any_size_matches_eager():
     model = reparameterize(_nano(), pad_mode="crop")
     compiled = torch.compile(model)

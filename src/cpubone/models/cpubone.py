@@ -468,11 +468,10 @@ class CPUBone(nn.Module):
         """
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
-        self.eval()
         _fuse_children(self, pad_mode, densify_below)
         self.drop_rate = 0.0
         self.pretrained_cfg = dict(self.pretrained_cfg, reparameterized=True)
-        return self.eval()
+        return self.eval()  # the new modules start in training mode
 
 
 def _fuse_children(module: nn.Module, pad_mode: str, densify_below: int) -> None:

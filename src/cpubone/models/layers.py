@@ -406,12 +406,13 @@ class Lowtention(nn.Module):
             # CUDA's fused attention kernels need aligned strides, which these strided views lack
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = F.scaled_dot_product_attention(q, k, v)
-        # contiguous(): with one head the reshape is a view with channels-last strides, and torch.compile
-        # at dynamic sizes (inductor, torch 2.14) fails to order its symbolic strides when it is saved for
-        # the backward pass ("cannot determine truth value of Relational"). With more heads the reshape
-        # copies anyway and this is a no-op.
-        o = o.transpose(-1, -2).reshape(B, self.num_heads * self.head_dim, h, w).contiguous()
-        o = self.out(o)
+        # The 1x1 output conv applied as a Linear on (B, N, heads * d), then viewed back as NCHW: fed to
+        # the conv, the reshaped attention output is a 4-D view saved for the backward pass, whose
+        # symbolic strides torch.compile (inductor, torch 2.14) fails to order once sizes are dynamic
+        # ("cannot determine truth value of Relational"). Same weights, same MACs.
+        o = o.transpose(1, 2).reshape(B, h * w, self.num_heads * self.head_dim)
+        o = F.linear(o, self.out.weight.flatten(1), self.out.bias)
+        o = o.transpose(1, 2).reshape(B, -1, h, w)
         if s > 1:
             o = F.interpolate(o, scale_factor=float(s), mode="nearest")
             o = o[..., :H, :W]
