@@ -25,8 +25,9 @@ setup: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/cpubone bench $(ARGS)
 
+# one test process per core (pytest-xdist), each on one thread: the suite's processes do not share a core
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $$(nproc) --durations=15 $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -323,7 +323,7 @@ def run_bench(
     skipped: List[str] = []
     # the GEMM peak in the first engine that has one (ONNX Runtime's MatMul or torch.matmul)
     peak_engine = next((e for e in engines if e in ENGINES), "onnxruntime")
-    with _progress(progress, len(models) + rounds) as step:
+    with StepProgress(progress, len(models) + rounds) as step:
         peak_fn, peak_method = gemm_runner(peak_engine, threads, GEMM_N)
         peak = _Entry("GEMM peak", 0, GEMM_N ** 3, False, peak_fn)
         for name in models:
@@ -368,22 +368,25 @@ def run_bench(
     return result
 
 
-class _progress:
-    """A rich progress bar over named steps (nothing when disabled)."""
+class StepProgress:
+    """A rich progress bar over named steps (nothing when disabled or when there is nothing to do).
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-        self.bar = None
+    ``with StepProgress(enabled, total) as step: step("label")`` marks the previous step done and shows the
+    next one; ``step(None)`` closes the last. Shared by bench, blocks and the design latency table.
+    """
+
+    def __init__(self, enabled: bool, total: int, width: int = 28) -> None:
+        self.enabled, self.total, self.width = enabled and total > 0, total, width
+        self.bar, self.started = None, False
 
     def __enter__(self):
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn(f"{{task.description:<{self.width}}}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), transient=False)
             self.bar.__enter__()
             self.task = self.bar.add_task("", total=self.total)
-            self.started = False
         return self.step
 
     def step(self, label: Optional[str]) -> None:
@@ -392,7 +395,7 @@ class _progress:
         if self.started:
             self.bar.advance(self.task)
         self.started = True
-        self.bar.update(self.task, description=label or "done")
+        self.bar.update(self.task, description=(label or "done")[:self.width])
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

@@ -252,7 +252,7 @@ def run_block_sweep(
         kernels / groups: kernel sizes and expansion-conv groups to sweep.
         rounds: all blocks are timed in this many interleaved rounds.
     """
-    from .bench import _progress
+    from .bench import StepProgress
 
     widths = list(widths or (QUICK_WIDTHS if quick else DEFAULT_WIDTHS))
     groups = list(groups or ((1, 2) if quick else GROUPS))
@@ -278,7 +278,7 @@ def run_block_sweep(
     chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
     prepared = []
     times: List[List[float]] = [[] for _ in specs]
-    with _progress(progress, len(specs) + rounds) as step:
+    with StepProgress(progress, len(specs) + rounds) as step:
         for s in specs:
             step(f"prepare {s.variant} w{s.width} k{s.kernel}")
             prepared.append(prepare_block(s, engine, threads))

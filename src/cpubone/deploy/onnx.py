@@ -186,7 +186,7 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
 
 
 # --- verification -------------------------------------------------------------------------------
-from ..engines.verify import SKIMAGE_PHOTOS, sample_photos  # noqa: E402,F401  (one definition, shared)
+from ..engines.verify import SKIMAGE_PHOTOS, Check, sample_photos  # noqa: E402,F401  (one definition, shared)
 
 
 def photo_inputs(cfg: PreprocessConfig, photos: Optional[Sequence[Tuple[str, ImageLike]]] = None
@@ -199,15 +199,8 @@ def photo_inputs(cfg: PreprocessConfig, photos: Optional[Sequence[Tuple[str, Ima
             for name, img in (photos if photos is not None else sample_photos())]
 
 
-@dataclass
-class VerifyResult:
-    """One comparison of ONNX Runtime against PyTorch."""
-
-    input: str
-    shape: Tuple[int, ...]
-    max_abs_diff: float
-    max_abs_ref: float
-    top1_agree: bool
+# one comparison of ONNX Runtime against PyTorch: the engines' record of a check
+VerifyResult = Check
 
 
 @dataclass

@@ -286,6 +286,7 @@ def build_lut(
             lacks them.
     """
     from ..analysis.latency import check_timing_args
+    from ..analysis.bench import StepProgress
     from ..analysis.machine import machine_info
 
     if engine not in ENGINES:
@@ -313,7 +314,7 @@ def build_lut(
     todo = [u for u in dict.fromkeys(units) if u.key not in table.entries]
     calib = [tuple(int(v) for v in sz) for sz in sizes
              if f"{int(sz[0])}x{int(sz[1])}" not in table.fixed_ms or f"{int(sz[0])}x{int(sz[1])}" not in table.scale]
-    with tempfile.TemporaryDirectory() as tmp, _Progress(progress, len(todo) + len(calib)) as step:
+    with tempfile.TemporaryDirectory() as tmp, StepProgress(progress, len(todo) + len(calib), width=44) as step:
         # the per-call overhead, measured beside the entries in this session
         overhead = _median(overhead_runner(engine, threads, tmp), engine, threads, max(runs, 50), warmup, clock)
         table.overhead_ms = overhead if not table.entries else statistics.median([table.overhead_ms, overhead])
@@ -333,32 +334,3 @@ def build_lut(
         step(None)
     table.save(output)
     return table
-
-
-class _Progress:
-    """A rich progress bar over units (nothing when disabled or when there is nothing to do)."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self.bar, self.started = enabled and total > 0, total, None, False
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn())
-            self.bar.__enter__()
-            self.task = self.bar.add_task("", total=self.total)
-        return self.step
-
-    def step(self, label: Optional[str]) -> None:
-        if self.bar is None:
-            return
-        if self.started:
-            self.bar.advance(self.task)
-        self.started = True
-        self.bar.update(self.task, description=(label or "done")[:44])
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
