@@ -25,9 +25,12 @@ setup: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/cpubone bench $(ARGS)
 
-# one test process per core (pytest-xdist), each on one thread: the suite's processes do not share a core
+# one test process per core (pytest-xdist), each on one thread: the suite's processes do not share a core.
+# Tests marked own_process (the torchrun DDP comparison) run afterwards in a plain pytest: an xdist worker
+# running it died twice in full runs; exit status 5 (none selected by ARGS) is fine for that second part only.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $$(nproc) --durations=15 $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $$(nproc) --durations=15 -m "not own_process" $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m own_process $(ARGS) || [ $$? -eq 5 ]
 
 clean:
 	rm -rf $(VENV)

@@ -75,7 +75,9 @@ def _run(args, processes=1, kill_at=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "cpubone", *args]
     if kill_at is None:
-        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+        # no stdin, own session: see ISOLATED in tests/test_train_distributed.py
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
         assert res.returncode == 0, res.stdout + res.stderr
         return res.stdout
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)

@@ -24,7 +24,15 @@ from cpubone.train.engine import load_training_state
 
 from conftest import subset_imagefolder
 
+pytestmark = pytest.mark.own_process  # not inside a pytest-xdist worker (Makefile)
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+# The runs get no stdin and a session of their own: under pytest-xdist the worker talks to its controller over
+# stdin/stdout, and a worker running this test was seen to die ("node down") while torchrun ran; neither the
+# launcher nor its ranks may touch the worker's channel or its process group.
+ISOLATED = dict(stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _free_port() -> int:
@@ -46,13 +54,13 @@ def test_two_gloo_processes_match_one(tmp_path):
     data = subset_imagefolder(full, tmp_path / "d", {"train": 5, "val": 3})  # 50 images: 6 steps of 8
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "cpubone.train", *_args(data, tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, **ISOLATED)
     assert one.returncode == 0, one.stdout + one.stderr
     assert "sizes [32, 48] (eval 32)" in one.stdout
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                           "-m", "cpubone.train", *_args(data, tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=300, **ISOLATED)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 process(es) x 1 accumulation x 4" in two.stdout  # rank 0 logs, once
     assert two.stdout.count("training test_convnext") == 1
