@@ -10,8 +10,12 @@ from PIL import Image
 
 from cpubone import create_model
 from cpubone.analysis.macs import count_macs
-from cpubone.analysis.profile import block_units, module_of_node, profile_model
+from cpubone.analysis.profile import _charge, block_units, module_of_node, profile_model, profiling_engines
 from cpubone.cli import main
+from cpubone.engines import NodeTime, engine_class
+
+needs_openvino = pytest.mark.skipif(not engine_class("openvino").available(),
+                                    reason="openvino extra not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +32,43 @@ def test_module_of_node_maps_scope_names():
     assert module_of_node("/head/fc/Gemm", names) == "head.fc"
     assert module_of_node("ReorderOutput_token_12", names) == ""
     assert module_of_node("/nothing/here/Conv", names) == ""
+    # OpenVINO's PyTorch frontend: the module path after "__module.", up to the first "/"
+    assert module_of_node("__module.stages.2.blocks.0.attn.qkv/aten::_convolution/Convolution", names) \
+        == "stages.2.blocks.0.attn.qkv"
+    assert module_of_node("__module.stages.2.blocks.0/aten::add/Add", names) == "stages.2.blocks.0"
+    assert module_of_node("__module.head.fc/aten::linear/Add", names) == "head.fc"
+    assert module_of_node("__module.stages.9.x/aten::add/Add", names) == "stages"  # deepest module that exists
+    assert module_of_node("MVN_21976", names) == ""
+
+
+def test_runtime_nodes_charged_to_blocks():
+    """A node goes to the block of its first scoped fused name, else its own; unscoped ones follow the
+    node before them."""
+    model = create_model("cpubone_nano")
+    names, units = [n for n, _ in model.named_modules()], block_units(model)
+    nodes = [
+        NodeTime("x_abcd_acdb___module.stem.conv.conv/aten::_convolution/Convolution", "Reorder", 0.5, "jit_uni_f32"),
+        NodeTime("__module.stem.conv.conv/aten::_convolution/Convolution", "Convolution", 1.0, "brgconv_avx512_f32",
+                 ("__module.stem.conv.conv/aten::_convolution/Convolution", "__module.stem.conv.act/aten::hardswish/HSwish")),
+        # a GroupNorm OpenVINO decomposed: its executed node is named MVN_*, the norm's name is among the fused
+        NodeTime("MVN_1", "MVN", 2.0, "jit_avx512_f32",
+                 ("MVN_1", "Multiply_2", "__module.stages.2.blocks.0.norm1/aten::group_norm/GroupNormalization")),
+        NodeTime("__module.stages.2.blocks.0.attn.qkv/aten::_convolution/Convolution", "Convolution", 4.0,
+                 "brgconv_avx512_1x1_f32"),
+        NodeTime("VariadicSplit_3", "VariadicSplit", 8.0, "ref_f32", ("VariadicSplit_3",)),
+        NodeTime("/stages/stages.2/blocks/blocks.0/mlp/fc1/Conv", "Conv", 16.0),  # ONNX Runtime: no kernel given
+        NodeTime("/head/fc/Gemm", "Gemm", 32.0),
+    ]
+    unit_ms, op_ms, op_calls, kernels = _charge(nodes, names, units)
+    assert dict(unit_ms) == {"": 0.5, "stem": 1.0, "stages.2.blocks.0.norm1": 2.0, "stages.2.blocks.0.attn": 12.0,
+                             "stages.2.blocks.0.mlp": 16.0, "head": 32.0}
+    assert dict(op_ms) == {"Reorder": 0.5, "Convolution": 5.0, "MVN": 2.0, "VariadicSplit": 8.0, "Conv": 16.0,
+                           "Gemm": 32.0}
+    assert op_calls["Convolution"] == 2
+    assert [(k["op"], k["exec_type"], k["calls"], k["ms"]) for k in kernels] == [
+        ("VariadicSplit", "ref_f32", 1, 8.0), ("Convolution", "brgconv_avx512_1x1_f32", 1, 4.0),
+        ("MVN", "jit_avx512_f32", 1, 2.0), ("Convolution", "brgconv_avx512_f32", 1, 1.0),
+        ("Reorder", "jit_uni_f32", 1, 0.5)]
 
 
 def test_block_units_kinds():
@@ -41,9 +82,10 @@ def test_block_units_kinds():
     assert generic["blocks.1.0"] == "InvertedResidual" and "conv_stem" in generic
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "eager"])
+@pytest.mark.parametrize("engine", ["onnxruntime", "eager", pytest.param("openvino", marks=needs_openvino)])
 def test_profile_tables(engine, tmp_path):
     res = profile_model("cpubone_nano", engine=engine, size=64, runs=3, warmup=1, out_dir=tmp_path)
+    assert (res.engine, res.precision) == (engine, "fp32")
     total = count_macs(create_model("cpubone_nano"), 64).total
     # every MAC lands in exactly one block and one kind
     assert sum(b["macs"] for b in res.blocks) == total == res.macs
@@ -58,20 +100,68 @@ def test_profile_tables(engine, tmp_path):
     assert res.floor_ms == pytest.approx(total / (res.peak_gmacps * 1e9) * 1e3)
     conv = next(o for o in res.ops if o["op"] == "all conv ops")
     assert 0 < conv["macs"] <= total and conv["ms"] > 0
-    stem = "profile_cpubone_nano"
+    stem = "profile_cpubone_nano" + ("" if engine == "onnxruntime" else f"_{engine}")
     with open(tmp_path / f"{stem}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {r["table"] for r in rows} == {"block", "kind", "op"}
+    assert {r["table"] for r in rows} == {"block", "kind", "op"} | ({"kernel"} if engine == "openvino" else set())
     assert json.loads((tmp_path / f"{stem}.json").read_text())["macs"] == total
     assert "predicted latency" in (tmp_path / f"{stem}.md").read_text()
     with Image.open(tmp_path / f"{stem}.png") as im:
         assert im.format == "PNG"
 
 
+@needs_openvino
+def test_openvino_profile_blocks_ops_and_kernels(tmp_path):
+    res = profile_model("cpubone_nano", engine="openvino", size=64, runs=2, warmup=1, out_dir=tmp_path)
+    # every block of the model is listed, each once, and nothing runs outside them but the input's reorder
+    assert [b["block"] for b in res.blocks if b["block"] != "(model)"] == list(block_units(create_model("cpubone_nano")))
+    assert {b["kind"] for b in res.blocks if b["block"] == "(model)"} <= {"other"}
+    # per-block times add up to the per-op sum and to the per-kernel sum: every executed node counted once
+    ops = [o for o in res.ops if not o["op"].startswith("all ")]
+    assert sum(b["ms"] for b in res.blocks) == pytest.approx(sum(o["ms"] for o in ops)) == pytest.approx(res.profiled_ms)
+    assert sum(k["ms"] for k in res.kernels) == pytest.approx(res.profiled_ms)
+    assert sum(k["calls"] for k in res.kernels) == sum(o["calls"] for o in ops)
+    # OpenVINO's op types, the MAC-doing ones classed, and the kernel it picked for each
+    types = {o["op"]: o["mac_class"] for o in ops}
+    assert types["Convolution"] == types["GroupConvolution"] == "conv" and types["FullyConnected"] == "matmul"
+    assert {"MVN", "Softmax"} <= set(types)
+    assert all(k["exec_type"] and k["exec_type"] != "undef" for k in res.kernels)
+    assert any(k["exec_type"].endswith("_f32") for k in res.kernels if k["op"] == "Convolution")
+    saved = json.loads((tmp_path / "profile_cpubone_nano_openvino.json").read_text())
+    assert (saved["engine"], saved["precision"]) == ("openvino", "fp32")
+    assert saved["kernels"] == res.kernels and saved["measured_ms"] > 0
+    assert "By kernel" in (tmp_path / "profile_cpubone_nano_openvino.md").read_text()
+
+
+@pytest.mark.parametrize("engine", ["executorch", "litert", "ncnn", "compile"])
+def test_cli_profile_engine_without_profiler(engine, capsys, tmp_path):
+    assert engine not in profiling_engines()
+    assert main(["profile", "cpubone_nano", "--engine", engine, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"cpubone profile: error: engine {engine!r}")
+    assert "no per-op profiler" in err and "onnxruntime, openvino, eager" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_profile_openvino_missing_extra(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] in ("openvino", "nncf") else real(name, *a))
+    assert main(["profile", "cpubone_nano", "--engine", "openvino", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'cpubone[openvino]'" in err
+
+
 @pytest.mark.parametrize("args, needle", [
     (["profile", "no_such_model"], "no_such_model"),
     (["profile", "cpubone_nano", "--size", "31"], "size=31"),
     (["profile", "cpubone_nano", "--threads", "0"], "threads=0"),
+    (["profile", "cpubone_nano", "--engine", "tensorrt"], "unknown engine 'tensorrt'"),
+    (["profile", "cpubone_nano", "--engine", "onnxruntime,eager"], "one engine at a time"),
+    (["profile", "cpubone_nano", "--engine", "onnxruntime", "--precision", "bf16"], "precision 'bf16'"),
+    (["profile", "cpubone_nano", "--engine", "eager", "--precision", "int8"], "fp32 only"),
 ])
 def test_cli_profile_bad_input(args, needle, capsys, tmp_path):
     assert main(args + ["--out", str(tmp_path)]) == 2
@@ -107,13 +197,13 @@ def test_profile_from_an_unwritable_cwd_leaves_nothing_behind(tmp_path, monkeypa
 
 
 def test_profile_interrupted_removes_its_trace(tmp_path, monkeypatch):
-    from cpubone.analysis import profile
+    from cpubone.engines import onnxruntime
 
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.chdir(tmp_path)
-    real = profile.ort_session
+    real = onnxruntime.ort_session
 
     class Interrupted:  # a session that is interrupted (Ctrl-C) after its first profiled run
         def __init__(self, *args, **kwargs):
@@ -126,7 +216,7 @@ def test_profile_interrupted_removes_its_trace(tmp_path, monkeypatch):
             self.sess.run(*args)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(profile, "ort_session", Interrupted)
+    monkeypatch.setattr(onnxruntime, "ort_session", Interrupted)
     with pytest.raises(KeyboardInterrupt):
         profile_model("cpubone_nano", size=64, runs=2, warmup=1, out_dir=tmp_path / "out")
     assert list(temp.iterdir()) == []

@@ -1,10 +1,15 @@
 """``cpubone profile``: where a model's batch-1 time goes, per block, per block kind and per op type.
 
-ONNX Runtime: the session's own profiler (``SessionOptions.enable_profiling``) times every kernel; the
-TorchScript exporter names nodes after the module scope ("/stages/stages.2/blocks/blocks.0/attn/qkv/Conv"),
-which is mapped back to the module (``stages.2.blocks.0.attn.qkv``) and from there to its block. Nodes that
-ONNX Runtime creates itself (layout reorders, split activations) carry no scope and are charged to the
-block of the node before them in execution order. Eager: forward pre/post hooks time each block and each
+ONNX Runtime and OpenVINO: the runtime's own per-node profiler, read through the engine
+(``cpubone.engines``: ``Engine.profile_nodes``). The TorchScript ONNX exporter names nodes after the module
+scope ("/stages/stages.2/blocks/blocks.0/attn/qkv/Conv"), OpenVINO's PyTorch frontend likewise
+("__module.stages.2.blocks.0.attn.qkv/aten::_convolution/Convolution"); the name is mapped back to the
+module (``stages.2.blocks.0.attn.qkv``) and from there to its block. OpenVINO also says which original
+nodes it fused into each executed one, and which kernel it picked (``exec_type``: a JIT kernel for the ISA,
+or ``ref`` reference code), summed per op type x kernel. Nodes that the runtime creates itself (layout
+reorders, split activations) carry no scope and are charged to the block of the node before them in
+execution order. Other runtimes (ExecuTorch, LiteRT, ncnn, torch.compile) have no per-op profiler
+reachable from Python here and are refused with one line. Eager: forward pre/post hooks time each block and each
 leaf module; time inside a block not spent in a leaf module is functional code (pads, attention matmuls,
 residual adds, upsampling) and is reported as such.
 
@@ -14,10 +19,8 @@ machine's GEMM peak (the floor the model could reach if every MAC ran at GEMM sp
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,13 +30,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..engines import ENGINES, NodeTime, engine_class, get_engine, parse_engines
 from ..outputs import OutputPathError, ResultsNotWritten, atomic_write_text, check_output_dir
-from .bench import build_model, check_args, counted_model, onnx_export
-from .latency import measure_eager, measure_onnx, ort_session, torch_threads
+from .bench import _calibration, build_model, check_args, counted_model, onnx_export
+from .latency import measure_eager, time_callable, torch_threads
 from .machine import gemm_peak, machine_info, usable_threads
 from .macs import MacReport, count_macs
 
-__all__ = ["ProfileResult", "block_units", "module_of_node", "profile_model"]
+__all__ = ["ProfileResult", "block_units", "module_of_node", "profile_model", "profiling_engines"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -86,15 +90,27 @@ def block_units(model: nn.Module) -> Dict[str, str]:
     return units
 
 
-def module_of_node(node_name: str, module_names: Sequence[str]) -> str:
-    """The deepest module an ONNX node belongs to, from the scope path in its name ('' if none).
+def _has_scope(node_name: str) -> bool:
+    """Whether a runtime's node name carries the module scope the exporter wrote (ONNX: "/a/a.1/Conv",
+    OpenVINO's PyTorch frontend: "__module.a.1/aten::_convolution/Convolution")."""
+    return node_name.startswith("/") or node_name.startswith("__module")
 
-    The exporter writes a child of a Sequential as "<attr>.<index>" ("/stages/stages.2/..."), so each
-    scope component is tried as-is and by its last dotted part.
+
+def module_of_node(node_name: str, module_names: Sequence[str]) -> str:
+    """The deepest module a runtime's node belongs to, from the scope path in its name ('' if none).
+
+    ONNX: the exporter writes a child of a Sequential as "<attr>.<index>" ("/stages/stages.2/..."), so each
+    scope component is tried as-is and by its last dotted part. OpenVINO (PyTorch frontend): the module
+    path follows "__module." up to the first "/" ("__module.stages.2.blocks.0.attn.qkv/aten::...").
     """
+    names = set(module_names)
+    if node_name.startswith("__module"):
+        path = node_name.split("/", 1)[0][len("__module."):]
+        while path and path not in names:
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+        return path
     if not node_name.startswith("/"):
         return ""
-    names = set(module_names)
     current = ""
     for comp in node_name.split("/")[1:-1]:
         for cand in (comp, comp.rsplit(".", 1)[-1]):
@@ -116,14 +132,14 @@ def _unit_of(module: str, units: Dict[str, str]) -> str:
     return ""
 
 
-# ORT op types that do the counted multiply-adds, and the count_macs (aten) ops they correspond to.
+# runtime op types (ONNX Runtime's, OpenVINO's) that do the counted multiply-adds, and the count_macs (aten) ops they correspond to.
 _MAC_CLASS_OPS = {"conv": ("convolution",), "matmul": ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear")}
 
 
 def _mac_class(op_type: str) -> str:
     if "Conv" in op_type and "Transpose" not in op_type:
         return "conv"
-    if "MatMul" in op_type or "Gemm" in op_type or "Attention" in op_type:
+    if any(k in op_type for k in ("MatMul", "Gemm", "Attention", "FullyConnected")):
         return "matmul"
     return "other"
 
@@ -134,6 +150,7 @@ class ProfileResult:
 
     model: str
     engine: str
+    precision: str
     threads: int
     size: int
     machine_header: str
@@ -146,50 +163,40 @@ class ProfileResult:
     blocks: List[dict] = field(default_factory=list)
     kinds: List[dict] = field(default_factory=list)
     ops: List[dict] = field(default_factory=list)
+    kernels: List[dict] = field(default_factory=list)  # op type x kernel the runtime picked (OpenVINO)
     files: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "files"}
 
 
-def _ort_times(path: Path, shape: Tuple[int, ...], threads: int, runs: int, warmup: int,
-               modules: Sequence[str], units: Dict[str, str]) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, int]]:
-    """Per-unit and per-op-type median kernel time (ms) and op call counts from ORT's profiler."""
-    import numpy as np
+def _charge(nodes: Sequence[NodeTime], modules: Sequence[str], units: Dict[str, str]):
+    """Per-unit and per-op-type time (ms), op call counts and per-kernel rows from a runtime's node times.
 
-    # the trace (megabytes) goes to a private temporary folder, never the current directory, and is
-    # removed however the run ends, Ctrl-C included
-    with tempfile.TemporaryDirectory(prefix="cpubone-profile-") as tmp:
-        sess = ort_session(path, threads, enable_profiling=True, profile_prefix=os.path.join(tmp, "ort_trace"))
-        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-        try:
-            for _ in range(warmup + runs):
-                sess.run(None, feed)
-        finally:
-            trace = Path(sess.end_profiling())  # closes the trace file before the folder goes
-            del sess
-        events = json.loads(trace.read_text())
-    per_node: Dict[str, List[float]] = defaultdict(list)
-    order: List[Tuple[str, str]] = []
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        node = e["name"][: -len("_kernel_time")]
-        if node not in per_node:
-            order.append((node, e.get("args", {}).get("op_name", "?")))
-        per_node[node].append(e["dur"] / 1e3)
+    A node is charged to the unit of the first of its names that carries a module scope: the names of
+    the graph nodes the runtime fused into it first (OpenVINO's decomposed GroupNorm runs as ``MVN_123``,
+    whose fused names end with the norm's own), then its own. Nodes the runtime created without any
+    scope (layout reorders, split activations) go to the unit of the node before them in execution order.
+    """
     unit_ms: Dict[str, float] = defaultdict(float)
     op_ms: Dict[str, float] = defaultdict(float)
     op_calls: Dict[str, int] = defaultdict(int)
+    kernel_acc: Dict[Tuple[str, str], List[float]] = defaultdict(lambda: [0, 0.0])
     prev_unit = ""
-    for node, op in order:
-        ms = statistics.median(per_node[node][-runs:])  # the timed runs, not the warm-up
-        unit = _unit_of(module_of_node(node, modules), units) if node.startswith("/") else prev_unit
-        unit_ms[unit] += ms
-        op_ms[op] += ms
-        op_calls[op] += 1
+    for n in nodes:
+        scoped = [name for name in n.fused + (n.node,) if _has_scope(name)]
+        unit = _unit_of(module_of_node(scoped[0], modules), units) if scoped else prev_unit
+        unit_ms[unit] += n.ms
+        op_ms[n.op] += n.ms
+        op_calls[n.op] += 1
+        if n.exec_type:
+            kernel_acc[(n.op, n.exec_type)][0] += 1
+            kernel_acc[(n.op, n.exec_type)][1] += n.ms
         prev_unit = unit
-    return unit_ms, op_ms, op_calls
+    total = sum(op_ms.values()) or float("nan")
+    kernels = [dict(op=op, exec_type=ex, calls=c, ms=ms, share_pct=100.0 * ms / total)
+               for (op, ex), (c, ms) in sorted(kernel_acc.items(), key=lambda kv: -kv[1][1])]
+    return unit_ms, op_ms, op_calls, kernels
 
 
 def _eager_times(model: nn.Module, shape: Tuple[int, ...], threads: int, runs: int, warmup: int,
@@ -237,17 +244,42 @@ def _eager_times(model: nn.Module, shape: Tuple[int, ...], threads: int, runs: i
     return unit_ms, op_ms, op_calls, leaves
 
 
+def profiling_engines() -> List[str]:
+    """The engines ``profile_model`` can profile: those with a per-node profiler, and eager (forward hooks)."""
+    return [e for e in ENGINES if e == "eager" or engine_class(e).node_profiler]
+
+
+def _check_engine(engine: str, precision: str) -> Tuple[str, str]:
+    """One engine that can profile, and a precision it runs; refused in one line before any work."""
+    engines = parse_engines(engine)
+    if len(engines) != 1:
+        raise ValueError(f"engine {engine!r}: profile runs one engine at a time")
+    name = engines[0]
+    if name not in profiling_engines():
+        raise ValueError(f"engine {name!r}: {engine_class(name).title} has no per-op profiler reachable from Python "
+                         f"here; profile with {', '.join(profiling_engines())}")
+    if name == "eager" and precision != "fp32":
+        raise ValueError(f"precision {precision!r}: the eager profile (forward hooks) runs fp32 only")
+    engine_class(name).check_precision(precision)
+    return name, precision
+
+
 def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size: int = 224, runs: int = 20,
-                  warmup: int = 5, out_dir: Optional[os.PathLike] = "cpubone-bench") -> ProfileResult:
+                  warmup: int = 5, out_dir: Optional[os.PathLike] = "cpubone-bench",
+                  precision: str = "fp32") -> ProfileResult:
     """Profile ``name`` at batch 1: tables per block, block kind and op type, plus a bar chart.
 
     Args:
         name: CPUBone variant or timm model (random weights, deploy form as in ``cpubone bench``).
-        engine: 'onnxruntime' (its profiler) or 'eager' (forward hooks).
+        engine: 'onnxruntime' or 'openvino' (the runtime's own per-node profiler) or 'eager' (forward hooks);
+            see ``profiling_engines()``.
+        precision: fp32, or what the engine runs besides (onnxruntime: int8; openvino: bf16, int8),
+            prepared as ``cpubone bench --precision`` does (int8 calibrated on scikit-image photos).
         threads / size / runs / warmup: as in ``cpubone bench``.
         out_dir: writes ``profile_<model>.{csv,json,md,png}`` there (None: nothing written).
     """
-    check_args([name], engine, threads, size, runs, warmup)
+    engine, precision = _check_engine(engine, precision)
+    check_args([name], engine, threads, size, runs, warmup, precision)
     threads = usable_threads(threads)
     if out_dir is not None:
         check_output_dir(out_dir, need_bytes=2 ** 20)  # before the measuring, not after it
@@ -257,10 +289,20 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
     units = block_units(counted)
     shape = (1, getattr(model, "in_chans", 3), size, size)
     modules = [n for n, _ in model.named_modules()]
-    if engine == "onnxruntime":
-        path = onnx_export(name, model, size)
-        lat = measure_onnx(path, shape, threads=threads, runs=runs, warmup=warmup)
-        unit_ms, op_ms, op_calls = _ort_times(path, shape, threads, runs, warmup, modules, units)
+    kernels: List[dict] = []
+    if engine != "eager":
+        runtime = get_engine(engine)
+        if engine == "onnxruntime" and precision == "fp32":
+            runner = runtime.load(onnx_export(name, model, size), threads)  # the export bench times, cached
+        else:
+            calib = _calibration(model, size) if precision == "int8" else None
+            runner = runtime.prepare(model, shape, precision, threads, calib=calib)
+        # the one latency harness on the runner as deployed, profiler off; then a profiled copy of it
+        lat = time_callable(runner.timer(), runs, warmup, threads, engine)
+        nodes = runtime.profile_nodes(runner, runs, warmup)
+        unit_ms, op_ms, op_calls, kernels = _charge(nodes, modules, units)
+        # every block is listed, also one whose nodes the runtime fused into a neighbour's (0 ms)
+        unit_ms = dict({u: 0.0 for u in units}, **unit_ms)
         class_macs = {c: sum(report.by_op.get(o, 0) for o in ops) for c, ops in _MAC_CLASS_OPS.items()}
         class_of = {op: _mac_class(op) for op in op_ms}
     else:
@@ -276,7 +318,8 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
             op_ms["functional (no module)"] = functional
             class_of["functional (no module)"] = "other"
             class_macs["other"] = report.total - class_macs["conv"] - class_macs["matmul"]
-    peak = gemm_peak(engine, threads)
+    # the fp32 GEMM peak in the engine when it has one (ONNX Runtime's MatMul, torch.matmul), as in bench
+    peak = gemm_peak(engine if engine in ("onnxruntime", "eager") else "onnxruntime", threads)
     total_ms = sum(unit_ms.values()) or float("nan")
 
     # MACs per unit exclude the units nested inside it, like its time
@@ -314,10 +357,10 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
     # spent in MAC-free work (norms, layout reorders, pads, adds)
     predicted = sum(b["macs"] / (b["gmacps"] * 1e9) * 1e3 for b in blocks if b["gmacps"])
     res = ProfileResult(
-        model=name, engine=lat.engine, threads=threads, size=size, machine_header=machine_info().header(threads),
+        model=name, engine=lat.engine, precision=precision, threads=threads, size=size, machine_header=machine_info().header(threads),
         measured_ms=lat.median_ms, profiled_ms=total_ms, predicted_ms=predicted,
         floor_ms=report.total / (peak.gmacps * 1e9) * 1e3, peak_gmacps=peak.gmacps, macs=report.total,
-        blocks=blocks, kinds=kinds, ops=ops,
+        blocks=blocks, kinds=kinds, ops=ops, kernels=kernels,
     )
     if out_dir is not None:
         try:
@@ -330,22 +373,28 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
 def _write(res: ProfileResult, out_dir: Path) -> Dict[str, str]:
     from .report import markdown_table, plot_profile, write_csv, write_json
 
-    stem = "profile_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in res.model)
+    # ONNX Runtime fp32 (the default) keeps the plain name; other runs are named by engine and precision
+    run = "" if (res.engine, res.precision) == ("onnxruntime", "fp32") else f"_{res.engine}" + (
+        "" if res.precision == "fp32" else f"_{res.precision}")
+    stem = "profile_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in res.model) + run
     files = {
         "csv": write_csv([dict(table="block", **b) for b in res.blocks] + [dict(table="kind", **k) for k in res.kinds]
-                         + [dict(table="op", **o) for o in res.ops], out_dir / f"{stem}.csv"),
+                         + [dict(table="op", **o) for o in res.ops] + [dict(table="kernel", **k) for k in res.kernels],
+                         out_dir / f"{stem}.csv"),
         "json": write_json(res.to_dict(), out_dir / f"{stem}.json"),
         "png": plot_profile(res.kinds, out_dir / f"{stem}.png",
-                            f"{res.model}: {res.engine}, {res.threads} thread(s), {res.size}x{res.size}; "
+                            f"{res.model}: {res.engine} {res.precision}, {res.threads} thread(s), {res.size}x{res.size}; "
                             f"{res.machine_header.split(' (')[0]}", res.peak_gmacps),
     }
     md = [f"# cpubone profile {res.model}", "", f"- machine: {res.machine_header}",
-          f"- engine {res.engine}, {res.threads} thread(s), batch 1, {res.size}x{res.size}",
+          f"- engine {res.engine} {res.precision}, {res.threads} thread(s), batch 1, {res.size}x{res.size}",
           f"- measured latency (median, profiler off): {res.measured_ms:.2f} ms",
           f"- predicted latency = sum of MACs / MACpS over the blocks that do MACs: {res.predicted_ms:.2f} ms "
           f"(all profiled block times: {res.profiled_ms:.2f} ms; the rest is MAC-free work)",
           f"- floor at the GEMM peak ({res.peak_gmacps:.1f} GMAC/s): {res.floor_ms:.2f} ms", "",
           "## By block kind", "", markdown_table(res.kinds), "## By op type", "", markdown_table(res.ops),
+          *(["## By kernel (op type x the kernel the runtime picked)", "", markdown_table(res.kernels)]
+            if res.kernels else []),
           "## By block", "", markdown_table(res.blocks), f"![by block kind]({stem}.png)", ""]
     files["md"] = atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
     return {k: str(v) for k, v in files.items()}

@@ -5,9 +5,9 @@ import argparse
 import sys
 
 
-def _engine_args(p: argparse.ArgumentParser, runs: int, warmup: int) -> None:
-    p.add_argument("--engine", choices=("onnxruntime", "eager"), default="onnxruntime",
-                   help="ONNX Runtime (default, the paper's CPU path) or PyTorch eager")
+def _engine_args(p: argparse.ArgumentParser, runs: int, warmup: int, choices=("onnxruntime", "eager"),
+                 engine_help: str = "ONNX Runtime (default, the paper's CPU path) or PyTorch eager") -> None:
+    p.add_argument("--engine", choices=choices, default="onnxruntime", help=engine_help)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads, pinned (default 1)")
     p.add_argument("--runs", type=int, default=runs, help=f"timed runs per measurement (default {runs})")
     p.add_argument("--warmup", type=int, default=warmup, help=f"untimed warm-up runs (default {warmup})")
@@ -35,7 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("profile", help="where a model's time goes: per block, block kind and op type")
     p.add_argument("model", help="CPUBone variant or timm model")
-    _engine_args(p, runs=20, warmup=5)
+    # no choices: every engine name reaches the library, which says in one line which runtimes can profile
+    _engine_args(p, runs=20, warmup=5, choices=None,
+                 engine_help="onnxruntime (default: its session profiler), openvino (its per-node counters, with "
+                             "the kernel each node runs) or eager (forward hooks)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (default); onnxruntime: int8; openvino: bf16, int8 (as in `cpubone bench`)")
     p.add_argument("--size", type=int, default=224, help="input side S, S x S (default 224)")
     p.add_argument("--out", default="cpubone-bench", help="report directory (default ./cpubone-bench)")
     p.set_defaults(func=_profile)
@@ -100,14 +105,16 @@ def _profile(args: argparse.Namespace) -> int:
 
     try:
         res = profile_model(args.model, engine=args.engine, threads=args.threads, size=args.size, runs=args.runs,
-                            warmup=args.warmup, out_dir=args.out)
+                            warmup=args.warmup, out_dir=args.out, precision=args.precision)
         late_error = None
     except ResultsNotWritten as e:  # measured, not saved: show the figures before the error
         res, late_error = e.result, e
     print(res.machine_header)
-    print_table(res.kinds, title=f"{res.model}: by block kind")
+    print_table(res.kinds, title=f"{res.model}: {res.engine} {res.precision}, by block kind")
     print_table(res.blocks, title="by block")
     print_table(res.ops, title="by op type")
+    if res.kernels:
+        print_table(res.kernels, title="by kernel (op type x the kernel the runtime picked)")
     print(f"measured latency (harness, median): {res.measured_ms:.2f} ms; sum of profiled block times: "
           f"{res.profiled_ms:.2f} ms")
     print(f"predicted latency = sum MACs / MACpS: {res.predicted_ms:.2f} ms (blocks that do MACs, own MACpS); "

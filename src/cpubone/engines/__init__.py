@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Dict, List, Tuple, Type, Union
 
-from .base import PRECISIONS, Engine, EngineError, ExportError, MissingExtraError, Runner
+from .base import PRECISIONS, Engine, EngineError, ExportError, MissingExtraError, NodeTime, Runner
 
-__all__ = ["ENGINES", "PRECISIONS", "Engine", "Runner", "EngineError", "ExportError", "MissingExtraError", "get_engine",
+__all__ = ["ENGINES", "PRECISIONS", "Engine", "Runner", "NodeTime", "EngineError", "ExportError", "MissingExtraError", "get_engine",
            "engine_names", "register_engine", "available_engines", "engine_for_file", "load_artifact", "inference_form",
            "parse_engines", "parse_precisions"]
 

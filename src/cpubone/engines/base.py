@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-__all__ = ["PRECISIONS", "Engine", "Runner", "EngineError", "ExportError", "MissingExtraError", "check_threads"]
+__all__ = ["PRECISIONS", "Engine", "Runner", "NodeTime", "EngineError", "ExportError", "MissingExtraError",
+           "check_threads"]
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -89,6 +90,28 @@ class Runner:
                     **{k: v for k, v in self.info.items() if not k.startswith("_")})
 
 
+@dataclass
+class NodeTime:
+    """One node of a runtime's executed graph, timed by the runtime's own profiler.
+
+    Attributes:
+        node: the runtime's name for it (ONNX Runtime: the ONNX node name, which the exporter writes after
+            the module scope; OpenVINO: the friendly name, after the module scope of the PyTorch frontend).
+        op: its type in the runtime ("Conv", "FusedConv", "Convolution", "FullyConnected", "Reorder").
+        ms: median time over the profiled runs.
+        exec_type: the kernel the runtime picked ("brgconv_avx512_1x1_f32", "ref_any_f32"); '' when the
+            runtime does not say.
+        fused: names of the graph nodes the runtime folded into this one (its own decompositions included),
+            in graph order; empty when the runtime does not say.
+    """
+
+    node: str
+    op: str
+    ms: float
+    exec_type: str = ""
+    fused: Tuple[str, ...] = ()
+
+
 class Engine:
     """A CPU runtime behind the project's interface (subclasses: one module per runtime).
 
@@ -102,6 +125,8 @@ class Engine:
         precisions: what it runs, a subset of ``PRECISIONS``.
         suffix: the artifact's file name ending.
         torch_free: whether ``load`` runs without torch.
+        node_profiler: the runtime's per-node profiler that ``profile_nodes`` reads ('' when it has none
+            reachable from Python).
     """
 
     name = ""
@@ -113,6 +138,7 @@ class Engine:
     precisions: Tuple[str, ...] = ("fp32",)
     suffix = ""
     torch_free = False
+    node_profiler = ""
     # relative fp32 tolerance vs PyTorch (x max(1, max |logit|)); engines that reorder float sums more
     # freely than ONNX Runtime (Winograd, different GEMM blocking) get a looser one, stated in the docs
     tolerance = 1e-4
@@ -179,9 +205,26 @@ class Engine:
             raise FileNotFoundError(f"{self.title} model not found: {path}")
         return self._load(path, threads)
 
+    def profile_nodes(self, runner: Runner, runs: int = 20, warmup: int = 5) -> List[NodeTime]:
+        """Per-node times of ``runner`` (from this engine) from the runtime's own profiler, in execution order.
+
+        Profiles a second instance of the runner's network with the profiler switched on, so the runner
+        itself stays as fast as it was; ``warmup`` untimed runs precede the ``runs`` profiled ones.
+        """
+        if not self.node_profiler:
+            raise EngineError(f"engine {self.name!r} has no per-node profiler reachable from Python here")
+        if runner.engine != self.name:
+            raise EngineError(f"engine {self.name!r} cannot profile a {runner.engine} runner")
+        if runs < 1 or warmup < 0:
+            raise EngineError(f"runs={runs}, warmup={warmup}: need at least 1 profiled run and no negative warm-up")
+        return self._profile_nodes(runner, runs, warmup)
+
     # --- what each runtime implements ---
     def _prepare(self, model: Any, input_shape: Tuple[int, ...], precision: str, threads: int,
                  calib: Optional[Sequence[np.ndarray]], workdir: Path) -> Runner:
+        raise NotImplementedError
+
+    def _profile_nodes(self, runner: Runner, runs: int, warmup: int) -> List[NodeTime]:
         raise NotImplementedError
 
     def _load(self, path: Path, threads: int) -> Runner:

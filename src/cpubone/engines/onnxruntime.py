@@ -6,13 +6,17 @@ ONNX Runtime's static quantization (per-channel weights, the stem and classifier
 """
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import tempfile
+from collections import defaultdict
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .base import Engine, EngineError, Runner, calibration_batches, check_threads
+from .base import Engine, EngineError, NodeTime, Runner, calibration_batches, check_threads
 
 __all__ = ["OnnxRuntimeEngine", "ort_session", "export_onnx"]
 
@@ -61,6 +65,7 @@ class OnnxRuntimeEngine(Engine):
     precisions = ("fp32", "int8")
     suffix = ".onnx"
     torch_free = True
+    node_profiler = "ONNX Runtime's session profiler (SessionOptions.enable_profiling)"
 
     def _prepare(self, model, input_shape: Tuple[int, ...], precision: str, threads: int,
                  calib: Optional[Sequence[np.ndarray]], workdir: Path) -> Runner:
@@ -89,6 +94,33 @@ class OnnxRuntimeEngine(Engine):
         run = lambda x: sess.run(None, {name: x})[0]  # noqa: E731
         return Runner(self.name, precision, threads, shape, run, artifact=path, files=[path],
                       info=dict(_session=sess))
+
+
+    def _profile_nodes(self, runner: Runner, runs: int, warmup: int) -> List[NodeTime]:
+        # the trace (megabytes) goes to a private temporary folder, never the current directory, and is
+        # removed however the run ends, Ctrl-C included
+        with tempfile.TemporaryDirectory(prefix="cpubone-profile-") as tmp:
+            sess = ort_session(runner.artifact, runner.threads, enable_profiling=True,
+                               profile_prefix=os.path.join(tmp, "ort_trace"))
+            x = np.random.default_rng(0).standard_normal(runner.input_shape).astype(np.float32)
+            feed = {sess.get_inputs()[0].name: x}
+            try:
+                for _ in range(warmup + runs):
+                    sess.run(None, feed)
+            finally:
+                trace = Path(sess.end_profiling())  # closes the trace file before the folder goes
+                del sess
+            events = json.loads(trace.read_text())
+        times: Dict[str, List[float]] = defaultdict(list)
+        order: Dict[str, str] = {}  # node -> op type, in execution order
+        for e in events:
+            if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+                continue
+            node = e["name"][: -len("_kernel_time")]
+            order.setdefault(node, e.get("args", {}).get("op_name", "?"))
+            times[node].append(e["dur"] / 1e3)
+        # the profiled runs, not the warm-up
+        return [NodeTime(node, op, statistics.median(times[node][-runs:])) for node, op in order.items()]
 
 
 def _add_metadata(path: Path, meta: dict) -> None:
