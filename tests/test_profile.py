@@ -133,6 +133,17 @@ def test_openvino_profile_blocks_ops_and_kernels(tmp_path):
     assert "By kernel" in (tmp_path / "profile_cpubone_nano_openvino.md").read_text()
 
 
+def test_engine_profile_nodes_refusals():
+    from cpubone.engines import EngineError, get_engine
+
+    eager = get_engine("eager")
+    runner = eager.prepare(create_model("cpubone_nano").eval(), (1, 3, 64, 64))
+    with pytest.raises(EngineError, match="'eager' has no per-node profiler"):
+        eager.profile_nodes(runner)
+    with pytest.raises(EngineError, match="'onnxruntime' cannot profile a runner of engine 'eager'"):
+        get_engine("onnxruntime").profile_nodes(runner)
+
+
 @pytest.mark.parametrize("engine", ["executorch", "litert", "ncnn", "compile"])
 def test_cli_profile_engine_without_profiler(engine, capsys, tmp_path):
     assert engine not in profiling_engines()

@@ -214,7 +214,7 @@ class Engine:
         if not self.node_profiler:
             raise EngineError(f"engine {self.name!r} has no per-node profiler reachable from Python here")
         if runner.engine != self.name:
-            raise EngineError(f"engine {self.name!r} cannot profile a {runner.engine} runner")
+            raise EngineError(f"engine {self.name!r} cannot profile a runner of engine {runner.engine!r}")
         if runs < 1 or warmup < 0:
             raise EngineError(f"runs={runs}, warmup={warmup}: need at least 1 profiled run and no negative warm-up")
         return self._profile_nodes(runner, runs, warmup)
