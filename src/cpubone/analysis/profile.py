@@ -132,7 +132,8 @@ def _unit_of(module: str, units: Dict[str, str]) -> str:
     return ""
 
 
-# runtime op types (ONNX Runtime's, OpenVINO's) that do the counted multiply-adds, and the count_macs (aten) ops they correspond to.
+# runtime op types (ONNX Runtime's, OpenVINO's) that do the counted multiply-adds, and the count_macs
+# (aten) ops they correspond to.
 _MAC_CLASS_OPS = {"conv": ("convolution",), "matmul": ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear")}
 
 
@@ -302,7 +303,7 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
         nodes = runtime.profile_nodes(runner, runs, warmup)
         unit_ms, op_ms, op_calls, kernels = _charge(nodes, modules, units)
         # every block is listed, also one whose nodes the runtime fused into a neighbour's (0 ms)
-        unit_ms = dict({u: 0.0 for u in units}, **unit_ms)
+        unit_ms = {**{u: 0.0 for u in units}, **unit_ms}
         class_macs = {c: sum(report.by_op.get(o, 0) for o in ops) for c, ops in _MAC_CLASS_OPS.items()}
         class_of = {op: _mac_class(op) for op in op_ms}
     else:
@@ -357,7 +358,8 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
     # spent in MAC-free work (norms, layout reorders, pads, adds)
     predicted = sum(b["macs"] / (b["gmacps"] * 1e9) * 1e3 for b in blocks if b["gmacps"])
     res = ProfileResult(
-        model=name, engine=lat.engine, precision=precision, threads=threads, size=size, machine_header=machine_info().header(threads),
+        model=name, engine=lat.engine, precision=precision, threads=threads, size=size,
+        machine_header=machine_info().header(threads),
         measured_ms=lat.median_ms, profiled_ms=total_ms, predicted_ms=predicted,
         floor_ms=report.total / (peak.gmacps * 1e9) * 1e3, peak_gmacps=peak.gmacps, macs=report.total,
         blocks=blocks, kinds=kinds, ops=ops, kernels=kernels,
@@ -383,7 +385,8 @@ def _write(res: ProfileResult, out_dir: Path) -> Dict[str, str]:
                          out_dir / f"{stem}.csv"),
         "json": write_json(res.to_dict(), out_dir / f"{stem}.json"),
         "png": plot_profile(res.kinds, out_dir / f"{stem}.png",
-                            f"{res.model}: {res.engine} {res.precision}, {res.threads} thread(s), {res.size}x{res.size}; "
+                            f"{res.model}: {res.engine} {res.precision}, {res.threads} thread(s), "
+                            f"{res.size}x{res.size}; "
                             f"{res.machine_header.split(' (')[0]}", res.peak_gmacps),
     }
     md = [f"# cpubone profile {res.model}", "", f"- machine: {res.machine_header}",
