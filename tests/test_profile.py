@@ -66,10 +66,12 @@ def test_runtime_nodes_charged_to_blocks():
     assert dict(op_ms) == {"Reorder": 0.5, "Convolution": 5.0, "MVN": 2.0, "VariadicSplit": 8.0, "Conv": 16.0,
                            "Gemm": 32.0}
     assert op_calls["Convolution"] == 2
-    assert [(k["op"], k["exec_type"], k["calls"], k["ms"]) for k in kernels] == [
-        ("VariadicSplit", "ref_f32", 1, 8.0), ("Convolution", "brgconv_avx512_1x1_f32", 1, 4.0),
-        ("MVN", "jit_avx512_f32", 1, 2.0), ("Convolution", "brgconv_avx512_f32", 1, 1.0),
-        ("Reorder", "jit_uni_f32", 1, 0.5)]
+    assert [(k["op"], k["exec_type"], k["calls"], k["ms"], k["blocks"]) for k in kernels] == [
+        ("VariadicSplit", "ref_f32", 1, 8.0, "stages.2.blocks.0.attn"),
+        ("Convolution", "brgconv_avx512_1x1_f32", 1, 4.0, "stages.2.blocks.0.attn"),
+        ("MVN", "jit_avx512_f32", 1, 2.0, "stages.2.blocks.0.norm1"),
+        ("Convolution", "brgconv_avx512_f32", 1, 1.0, "stem"),
+        ("Reorder", "jit_uni_f32", 1, 0.5, "(model)")]
 
 
 def test_block_units_kinds():

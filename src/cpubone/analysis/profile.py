@@ -183,6 +183,7 @@ def _charge(nodes: Sequence[NodeTime], modules: Sequence[str], units: Dict[str, 
     op_ms: Dict[str, float] = defaultdict(float)
     op_calls: Dict[str, int] = defaultdict(int)
     kernel_acc: Dict[Tuple[str, str], List[float]] = defaultdict(lambda: [0, 0.0])
+    kernel_units: Dict[Tuple[str, str], Dict[str, None]] = defaultdict(dict)  # ordered sets
     prev_unit = ""
     for n in nodes:
         scoped = [name for name in n.fused + (n.node,) if _has_scope(name)]
@@ -193,9 +194,15 @@ def _charge(nodes: Sequence[NodeTime], modules: Sequence[str], units: Dict[str, 
         if n.exec_type:
             kernel_acc[(n.op, n.exec_type)][0] += 1
             kernel_acc[(n.op, n.exec_type)][1] += n.ms
+            kernel_units[(n.op, n.exec_type)][unit or "(model)"] = None
         prev_unit = unit
     total = sum(op_ms.values()) or float("nan")
-    kernels = [dict(op=op, exec_type=ex, calls=c, ms=ms, share_pct=100.0 * ms / total)
+    # where a kernel runs, so a rare one (a reference-code fallback) can be found: its first blocks
+    def where(key: Tuple[str, str]) -> str:
+        names = list(kernel_units[key])
+        return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+
+    kernels = [dict(op=op, exec_type=ex, calls=c, ms=ms, share_pct=100.0 * ms / total, blocks=where((op, ex)))
                for (op, ex), (c, ms) in sorted(kernel_acc.items(), key=lambda kv: -kv[1][1])]
     return unit_ms, op_ms, op_calls, kernels
 
