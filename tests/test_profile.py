@@ -138,6 +138,35 @@ def test_openvino_profile_blocks_ops_and_kernels(tmp_path):
     assert "By kernel" in (tmp_path / "profile_cpubone_nano_openvino.md").read_text()
 
 
+def _cpu_has_bf16() -> bool:
+    if not engine_class("openvino").available():
+        return False
+    import openvino as ov
+
+    from cpubone.engines.openvino import _cpu_has_bf16 as has_bf16
+
+    return has_bf16(ov.Core())
+
+
+@pytest.mark.parametrize("engine, precision, kernel", [
+    pytest.param("openvino", "bf16", "_bf16", marks=pytest.mark.skipif(not _cpu_has_bf16(), reason="no bf16 CPU")),
+    ("onnxruntime", "int8", "QLinearConv"),
+])
+def test_profile_precision_reaches_the_runtime(engine, precision, kernel, tmp_path):
+    """--precision prepares the network as bench does; the kernels / op types show it ran that way."""
+    res = profile_model("cpubone_nano", engine=engine, precision=precision, size=64, runs=2, warmup=1,
+                        out_dir=tmp_path)
+    assert (res.engine, res.precision) == (engine, precision)
+    if engine == "openvino":  # every conv in the plugin's bf16 kernels
+        convs = [k for k in res.kernels if "Convolution" in k["op"]]
+        assert convs and all(k["exec_type"].endswith(kernel) for k in convs)
+    else:  # ONNX Runtime's int8 QDQ graph runs quantized conv kernels
+        assert kernel in {o["op"] for o in res.ops}
+        assert next(o for o in res.ops if o["op"] == kernel)["mac_class"] == "conv"
+    saved = json.loads((tmp_path / f"profile_cpubone_nano_{engine}_{precision}.json").read_text())
+    assert saved["precision"] == precision
+
+
 def test_engine_profile_nodes_refusals():
     from cpubone.engines import EngineError, get_engine
 
