@@ -20,8 +20,8 @@ from typing import Dict, List, Tuple, Type, Union
 from .base import PRECISIONS, Engine, EngineError, ExportError, MissingExtraError, NodeTime, Runner
 
 __all__ = ["ENGINES", "PRECISIONS", "Engine", "Runner", "NodeTime", "EngineError", "ExportError", "MissingExtraError",
-           "get_engine", "engine_names", "register_engine", "available_engines", "engine_for_file", "load_artifact", "inference_form",
-           "parse_engines", "parse_precisions"]
+           "get_engine", "engine_names", "register_engine", "available_engines", "engine_for_file", "load_artifact",
+           "inference_form", "parse_engines", "parse_precisions"]
 
 # name -> (module, class); order = the order reports list them in (ONNX Runtime first: the reference)
 ENGINES: Dict[str, Union[Tuple[str, str], Type[Engine]]] = {

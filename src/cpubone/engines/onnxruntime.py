@@ -95,7 +95,6 @@ class OnnxRuntimeEngine(Engine):
         return Runner(self.name, precision, threads, shape, run, artifact=path, files=[path],
                       info=dict(_session=sess))
 
-
     def _profile_nodes(self, runner: Runner, runs: int, warmup: int) -> List[NodeTime]:
         # the trace (megabytes) goes to a private temporary folder, never the current directory, and is
         # removed however the run ends, Ctrl-C included
