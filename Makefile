@@ -26,8 +26,9 @@ bench: $(STAMP)
 	$(BIN)/cpubone bench $(ARGS)
 
 # one test process per core (pytest-xdist), each on one thread: the suite's processes do not share a core.
-# Tests marked own_process (the torchrun DDP comparison) run afterwards in a plain pytest: an xdist worker
-# running it died twice in full runs; exit status 5 (none selected by ARGS) is fine for that second part only.
+# Tests marked own_process (the torchrun DDP comparison, the digits training runs) run afterwards in a plain
+# pytest: xdist workers waiting on them died in full runs; exit status 5 (none selected by ARGS) is fine for
+# that second part only.
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $$(nproc) --durations=15 -m "not own_process" $(ARGS)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m own_process $(ARGS) || [ $$? -eq 5 ]

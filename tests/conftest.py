@@ -1,10 +1,16 @@
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from official import OFFICIAL_DIR
+
+# Subprocesses that train get no stdin and a session of their own: under pytest-xdist a worker talks to its
+# controller over stdin/stdout, and workers waiting on such a subprocess were seen to die ("node down") in full
+# runs; neither the child nor anything it starts may touch the worker's channel or its process group.
+ISOLATED = dict(stdin=subprocess.DEVNULL, start_new_session=True)
 
 # One thread per test process: the suite runs on small shared CPUs, and results must not depend on it.
 torch.set_num_threads(1)

@@ -22,17 +22,13 @@ import torch
 from cpubone.train.data import write_digits_imagefolder
 from cpubone.train.engine import load_training_state
 
-from conftest import subset_imagefolder
+from conftest import ISOLATED, subset_imagefolder
 
 pytestmark = pytest.mark.own_process  # not inside a pytest-xdist worker (Makefile)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-# The runs get no stdin and a session of their own: under pytest-xdist the worker talks to its controller over
-# stdin/stdout, and a worker running this test was seen to die ("node down") while torchrun ran; neither the
-# launcher nor its ranks may touch the worker's channel or its process group.
-ISOLATED = dict(stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _free_port() -> int:

@@ -16,7 +16,12 @@ from cpubone.train import TrainConfig, TrainingDiverged, evaluate_checkpoint, ge
 from cpubone.train import classification as engine_mod
 from cpubone.train.data import write_digits_imagefolder
 
+from conftest import ISOLATED
 from official import OFFICIAL_DIR
+
+# not inside a pytest-xdist worker (Makefile): a worker waiting on this module's first training run died
+# ("node down", no signal or exit it could log) in three fresh-clone CI runs; alone it always passes
+pytestmark = pytest.mark.own_process
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -49,7 +54,7 @@ def short_run(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     res = subprocess.run([sys.executable, "-m", "cpubone", "train", "--data", str(data), "--model", "cpubone_nano",
                           "--recipe", "digits", "--epochs", "3", "--batch-size", "32", "--workers", "0",
-                          "--output", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
+                          "--output", str(out)], env=_env(), capture_output=True, text=True, timeout=600, **ISOLATED)
     assert res.returncode == 0, res.stdout + res.stderr
     return data, out, res
 
@@ -76,7 +81,7 @@ def test_eval_reproduces_the_logged_accuracy(short_run):
     summary = json.loads((out / "summary.json").read_text())
     res = subprocess.run([sys.executable, "-m", "cpubone", "eval", "--data", str(data), "--model", "cpubone_nano",
                           "--checkpoint", str(out / "best_model"), "--workers", "0", "--json"],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+                         env=_env(), capture_output=True, text=True, timeout=300, **ISOLATED)
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     assert r["input_size"] == 32 and r["images"] == 100 and r["classes"] == 10
@@ -91,7 +96,7 @@ def test_eval_rejects_a_classifier_of_another_size(short_run, tmp_path):
     three = _subset(data, tmp_path / "three", {"val": 2}, classes={"0", "1", "2"})
     res = subprocess.run([sys.executable, "-m", "cpubone", "eval", "--data", str(three), "--model", "cpubone_nano",
                           "--checkpoint", str(out / "best_model"), "--workers", "0"],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+                         env=_env(), capture_output=True, text=True, timeout=300, **ISOLATED)
     assert res.returncode == 2 and "the classifier has 10 classes but" in res.stderr and "3 class folders" in res.stderr
 
 

@@ -16,7 +16,7 @@ import torch
 from cpubone.train.data import write_digits_imagefolder
 from cpubone.train.engine import load_training_state
 
-from conftest import subset_imagefolder
+from conftest import ISOLATED, subset_imagefolder
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 INTERVAL = 3  # --checkpoint-every
@@ -45,9 +45,9 @@ def _env():
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(digits, tmp_path):
     ref_out, run_out = tmp_path / "ref", tmp_path / "run"
-    subprocess.run(_cmd(digits, ref_out), env=_env(), check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(_cmd(digits, ref_out), env=_env(), check=True, capture_output=True, text=True, timeout=300, **ISOLATED)
 
-    proc = subprocess.Popen(_cmd(digits, run_out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_cmd(digits, run_out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **ISOLATED,
                             text=True, bufsize=1)
     lines = []
     for line in proc.stdout:
@@ -67,7 +67,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(digits, tmp_path):
     assert killed_at - state["global_step"] < INTERVAL  # no more than one interval of work lost
 
     res = subprocess.run(_cmd(digits, run_out, "--resume", str(run_out / "last.pt")), env=_env(),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, **ISOLATED)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"resumed from {run_out / 'last.pt'}: epoch 1, step {state['step_in_epoch']}/20" in res.stdout
     assert not list(run_out.glob(".*tmp*"))  # a temporary file of a write cut short by the kill is cleaned up
@@ -99,7 +99,7 @@ def test_kill_at_the_end_of_an_epoch_keeps_best_model(digits, tmp_path):
 
     out = tmp_path / "run"
     env = dict(_env(), CPUBONE_TEST_KILL_AT="before-last@1")
-    res = subprocess.run(_cmd(digits, out), env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_cmd(digits, out), env=env, capture_output=True, text=True, timeout=300, **ISOLATED)
     assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
     config = json.loads((out / "best_model" / "config.json").read_text())
     assert config["pretrained_cfg"]["label_names"] == [str(i) for i in range(10)]
@@ -110,14 +110,14 @@ def test_kill_at_the_end_of_an_epoch_keeps_best_model(digits, tmp_path):
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
     res = subprocess.run(_cmd(digits, out, "--resume", str(out)), env=_env(), capture_output=True, text=True,
-                         timeout=300)  # a run folder is accepted: its last.pt
+                         timeout=300, **ISOLATED)  # a run folder is accepted: its last.pt
     assert res.returncode == 0, res.stdout + res.stderr
     assert load_training_state(out / "last.pt")["epoch"] == 2
     # a later kill inside save_pretrained: no config, a stale temporary file
     (out / "best_model" / "config.json").unlink()
     (out / "best_model" / "model.safetensors.tmp").write_bytes(b"partial")
     res = subprocess.run(_cmd(digits, out, "--resume", str(out)), env=_env(), capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, **ISOLATED)
     assert res.returncode == 0, res.stdout + res.stderr
     assert sorted(p.name for p in (out / "best_model").iterdir()) == ["config.json", "model.safetensors"]
     best = load_training_state(out / "best.pt")
