@@ -224,11 +224,14 @@ class _Entry:
 
 
 def _one_line(e: BaseException) -> str:
-    """An error as one line: our own messages as they are, others prefixed with their type."""
+    """An error as one line: our own messages as they are, others prefixed with their type; the temporary
+    folder an engine wrote its file to is left out (it is gone when the report is read)."""
+    import re
+
     from ..engines import EngineError
 
     lines = str(e).strip().splitlines()
-    msg = lines[0] if lines else ""
+    msg = re.sub(r"\S*cpubone-\w+-\w+[/\\]", "", lines[0]) if lines else ""
     return (msg if isinstance(e, EngineError) and msg else f"{type(e).__name__}: {msg}")[:300]
 
 
