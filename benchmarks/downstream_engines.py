@@ -20,18 +20,7 @@ import sys
 from pathlib import Path
 
 from cpubone.cli._render import print_table
-from cpubone.downstream.bench import TASKS, bench_engines
-
-
-def _table(result, task: str) -> list:
-    rows = []
-    for r in result.rows:
-        if r.task == task:
-            rows.append({"backbone": r.backbone, "GMACs": r.gmacs, "engine": r.engine, "precision": r.precision,
-                         "median ms": r.median_ms, "p10-p90 ms": f"{r.p10_ms:.1f}-{r.p90_ms:.1f}",
-                         "x first": f"{r.ratio:.2f}", "diff vs PyTorch": f"{r.rel_diff:.1e}",
-                         "fp32 check": "ok" if r.verified else "not judged"})
-    return rows
+from cpubone.downstream.bench import bench_engines
 
 
 def _markdown(rows: list) -> str:
@@ -70,16 +59,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for task in res.tasks:
-        rows = _table(res, task)
-        title = (f"{TASKS[task]}; {a.size}x{a.size}, batch 1, {res.threads} thread(s), median of {a.runs} runs in "
-                 f"{res.rounds} interleaved rounds; x first = ratio to the network's first engine x precision")
         if a.markdown:
-            print(f"\n{title}\n\n{_markdown(rows)}\n")
+            print(f"\n{res.title(task)}\n\n{_markdown(res.table(task))}\n")
         else:
-            print_table(rows, title=title)
-        for s in res.skipped:
-            if s.task == task:
-                print(f"  not timed: {s.backbone} {s.engine} {s.precision} ({s.status}): {s.reason}")
+            print_table(res.table(task), title=res.title(task))
+        for line in res.not_timed(task):
+            print(f"  {line}")
     print("int8 / bf16 differences are from random weights: they are shown, not judged (no quality claim).")
     print(f"machine: {res.machine.header(res.threads)}")
     if a.json:

@@ -109,3 +109,20 @@ def test_bad_arguments_fail_before_any_work(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, EngineError), match=match):
         bench_engines(**args)
+
+
+def test_cli_bench_in_engines(capsys):
+    import json
+
+    from cpubone.cli import main
+
+    args = ["segment", "bench", "--backbones", "cpubone_nano", "--size", "64", "--runs", "1", "--warmup", "0",
+            "--num-classes", "4"]
+    assert main(args + ["--engines", "eager", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["engine"], r["precision"], r["verified"]) for r in out["rows"]] == [("eager", "fp32", True)]
+    assert out["tasks"] == {"segment": TASKS["segment"]} and out["machine"]["cpu"]
+    assert main(args + ["--engines", "onnxruntime,tensorrt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("cpubone segment: error: unknown engine 'tensorrt': expected one of "
+                   "onnxruntime, openvino, executorch, litert, ncnn, eager, compile")

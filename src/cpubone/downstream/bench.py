@@ -200,6 +200,22 @@ class DownstreamEnginesResult:
     rows: List[EngineRow]
     skipped: List[EngineSkip]
 
+    def table(self, task: str) -> List[Dict[str, Any]]:
+        """The rows of ``task`` for display: one per network x engine x precision timed."""
+        return [{"backbone": r.backbone, "GMACs": r.gmacs, "engine": r.engine, "precision": r.precision,
+                 "median ms": r.median_ms, "p10-p90 ms": f"{r.p10_ms:.1f}-{r.p90_ms:.1f}", "x first": f"{r.ratio:.2f}",
+                 "diff vs PyTorch": f"{r.rel_diff:.1e}", "fp32 check": "ok" if r.verified else "not judged"}
+                for r in self.rows if r.task == task]
+
+    def title(self, task: str) -> str:
+        return (f"{TASKS[task]}; {self.size}x{self.size}, batch 1, {self.threads} thread(s), median of {self.runs} "
+                f"runs in {self.rounds} interleaved rounds; x first = ratio to the network's first engine x precision")
+
+    def not_timed(self, task: str) -> List[str]:
+        """One line per engine x precision of ``task`` that was not timed, with the reason."""
+        return [f"not timed: {s.backbone} {s.engine} {s.precision} ({s.status}): {s.reason}"
+                for s in self.skipped if s.task == task]
+
     def to_dict(self) -> Dict[str, Any]:
         return dict(machine=self.machine.to_dict(), tasks={t: TASKS[t] for t in self.tasks}, engines=self.engines,
                     precisions=self.precisions, size=self.size, threads=self.threads, batch_size=1, runs=self.runs,
