@@ -337,7 +337,7 @@ def bench_engines(
     from ..analysis.machine import machine_info, usable_threads
     from ..engines.timing import time_interleaved
 
-    backbones = list(backbones)
+    backbones = list(dict.fromkeys(backbones))
     engine_list, precision_list = check_args(backbones, engines, threads, size, runs, warmup, precisions)
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
