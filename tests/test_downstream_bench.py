@@ -126,3 +126,15 @@ def test_cli_bench_in_engines(capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("cpubone segment: error: unknown engine 'tensorrt': expected one of "
                    "onnxruntime, openvino, executorch, litert, ncnn, eager, compile")
+
+
+def test_backbone_table_eager_and_onnx():
+    from cpubone.downstream.bench import bench_detection, bench_segmentation
+
+    seg = bench_segmentation(["cpubone_nano"], size=64, runs=1, warmup=0, num_classes=3, fpn_channels=16, channels=8)
+    det = bench_detection(["cpubone_nano"], size=64, runs=1, warmup=0, num_classes=3, fpn_channels=16)
+    for res, eager in ((seg, "eager_ms"), (det, "net_eager_ms")):
+        (row,) = res["rows"]
+        assert row["backbone"] == "cpubone_nano" and row[eager] > 0 and row["ort_ms"] > 0 and row["GMACs"] > 0
+        assert row["ort_max_abs_diff"] < 1e-4  # ONNX Runtime against eager on a [0, 1] image
+    assert det["rows"][0]["e2e_eager_ms"] > 0
