@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="detect,segment", help="detect, segment or both (comma-separated)")
     p.add_argument("--engines", default="onnxruntime,openvino,executorch,ncnn,eager",
                    help="comma-separated engines of cpubone.engines ('all': every installed one)")
-    p.add_argument("--precisions", default="fp32,int8", help="comma-separated: fp32, int8, bf16 (where an engine runs it)")
+    p.add_argument("--precisions", default="fp32,int8",
+                   help="comma-separated: fp32, int8, bf16 (where an engine runs it)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=10)

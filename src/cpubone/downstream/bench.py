@@ -289,8 +289,9 @@ def _prepare_network(task: str, backbone: str, engines: Sequence[str], precision
                 try:
                     judge_fp32(runner, checks)
                 except EngineError:
-                    skip(engine, precision, "refused", f"fp32 differs from PyTorch by {rel:.3g} x max(1, |output|) on "
-                                                       f"{worst.input}, over the tolerance {engine_class(engine).tolerance:g}", rel)
+                    tol = engine_class(engine).tolerance
+                    skip(engine, precision, "refused", f"fp32 differs from PyTorch by {rel:.3g} x max(1, |output|) "
+                                                       f"on {worst.input}, over the tolerance {tol:g}", rel)
                     continue
             entries.append(_Entry(backbone, engine, precision, gmacs, runner,
                                   max(c.max_abs_diff for c in checks), rel, precision == "fp32"))
