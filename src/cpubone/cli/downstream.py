@@ -46,6 +46,12 @@ def _common_bench(p: argparse.ArgumentParser, classes: int) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--num-classes", type=int, default=classes)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column")
+    p.add_argument("--engines", metavar="LIST",
+                   help="time the network (up to the head outputs) in these runtimes instead, each checked against "
+                        "PyTorch, e.g. onnxruntime,openvino,ncnn,eager or 'all' installed")
+    p.add_argument("--precisions", default="fp32", metavar="LIST",
+                   help="with --engines: fp32, int8, bf16 where an engine runs it (default fp32)")
+    p.add_argument("--rounds", type=int, default=5, help="with --engines: interleaved timing rounds (default 5)")
     p.add_argument("--json", action="store_true")
 
 
@@ -275,9 +281,29 @@ def _print_bench(result: Dict[str, Any], as_json: bool) -> None:
     print(f"machine: {result['machine']}; torch {result['torch']}")
 
 
+def _engines_bench(args: argparse.Namespace, task: str) -> int:
+    from ..downstream.bench import bench_engines
+    from ._render import print_json, print_table
+
+    classes = {"detect_classes" if task == "detect" else "segment_classes": args.num_classes}
+    res = bench_engines(args.backbones, [task], args.engines, args.precisions, args.size, args.threads, args.runs,
+                        args.warmup, args.rounds, progress=not args.json and sys.stderr.isatty(), **classes)
+    if args.json:
+        print_json(res.to_dict())
+        return 0
+    print_table(res.table(task), title=res.title(task))
+    for line in res.not_timed(task):
+        print(line)
+    print("int8 / bf16 differences are from random weights: shown, not judged.")
+    print(f"machine: {res.machine.header(res.threads)}")
+    return 0
+
+
 def _detect_bench(args: argparse.Namespace) -> int:
     from ..downstream.bench import bench_detection
 
+    if args.engines:
+        return _engines_bench(args, "detect")
     _print_bench(bench_detection(args.backbones, args.size, args.threads, args.runs, args.warmup, args.num_classes,
                                  not args.no_onnx), args.json)
     return 0
@@ -330,6 +356,8 @@ def _segment_predict(args: argparse.Namespace) -> int:
 def _segment_bench(args: argparse.Namespace) -> int:
     from ..downstream.bench import bench_segmentation
 
+    if args.engines:
+        return _engines_bench(args, "segment")
     _print_bench(bench_segmentation(args.backbones, args.size, args.threads, args.runs, args.warmup,
                                     args.num_classes, not args.no_onnx), args.json)
     return 0

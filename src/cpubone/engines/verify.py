@@ -16,7 +16,7 @@ import numpy as np
 from .base import EngineError, Runner
 
 __all__ = ["Check", "Agreement", "EngineVerificationError", "SKIMAGE_PHOTOS", "sample_photos",
-           "verification_inputs", "photo_samples", "check_outputs", "verify_fp32", "agreement"]
+           "verification_inputs", "photo_samples", "check_outputs", "verify_fp32", "judge_fp32", "agreement"]
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 
@@ -96,14 +96,18 @@ def check_outputs(run: Callable[[np.ndarray], np.ndarray], reference: Callable[[
 
 
 def torch_reference(model) -> Callable[[np.ndarray], np.ndarray]:
-    """``model`` (PyTorch, eval mode) as a numpy -> numpy call."""
+    """``model`` (PyTorch, eval mode) as a numpy -> numpy call, outputs as a ``Runner`` gives them: (N, -1).
+
+    A classifier's (N, classes) is unchanged; a dense output (detection anchors, segmentation logits) is
+    flattened per sample, the layout every runtime agrees on (ncnn drops the batch axis).
+    """
     import torch
 
     model.eval()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.from_numpy(x)).float().numpy()
+            return model(torch.from_numpy(x)).float().reshape(len(x), -1).numpy()
 
     return run
 
@@ -114,17 +118,24 @@ def verify_fp32(runner: Runner, model, inputs: Sequence[Tuple[str, np.ndarray]],
 
     ``tolerance``: relative to max(1, max |logit|); default the engine's own (``Engine.tolerance``).
     """
+    return judge_fp32(runner, check_outputs(runner, torch_reference(model), inputs), tolerance)
+
+
+def judge_fp32(runner: Runner, checks: List[Check], tolerance: Optional[float] = None) -> List[Check]:
+    """Raise ``EngineVerificationError`` when a check of ``runner`` (fp32) is out of tolerance; else ``checks``.
+
+    For callers that compare several runners against one reference computed once (``check_outputs``).
+    """
     from . import engine_class
 
     tol = engine_class(runner.engine).tolerance if tolerance is None else tolerance
-    checks = check_outputs(runner, torch_reference(model), inputs)
     bad = [c for c in checks if not c.max_abs_diff <= tol * max(1.0, c.max_abs_ref)]
     if bad:
         worst = max(bad, key=lambda c: c.max_abs_diff)
         where = f" ({runner.artifact})" if runner.artifact else ""
         raise EngineVerificationError(
             f"{runner.label}{where} disagrees with PyTorch: max abs difference {worst.max_abs_diff:.3g} on "
-            f"{worst.input} (logits up to {worst.max_abs_ref:.3g}; tolerance {tol:g} relative); "
+            f"{worst.input} (outputs up to {worst.max_abs_ref:.3g}; tolerance {tol:g} relative); "
             f"{len(bad)} of {len(checks)} checks failed")
     return checks
 
