@@ -216,6 +216,7 @@ class ExportReport:
     checks: List[VerifyResult] = field(default_factory=list)
     int8_path: Optional[str] = None
     int8_checks: List[VerifyResult] = field(default_factory=list)
+    metadata_path: Optional[str] = None  # FILE.json beside a format without metadata of its own (TFLite)
 
     @property
     def max_abs_diff(self) -> float:
