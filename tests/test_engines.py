@@ -151,7 +151,7 @@ def trained(trained_nano):
 
 
 @pytest.mark.parametrize("name,precision", [("onnxruntime", "int8"), ("openvino", "int8"), ("openvino", "bf16"),
-                                            ("executorch", "int8"), ("eager", "bf16")])
+                                            ("executorch", "int8"), ("litert", "int8"), ("eager", "bf16")])
 def test_low_precision_agrees_with_fp32_on_a_trained_model(name, precision, trained, tmp_path):
     _installed(name)
     model, form, vx, vy, ref = trained

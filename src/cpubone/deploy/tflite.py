@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -21,7 +22,7 @@ from ..engines.verify import EngineVerificationError, verification_inputs, verif
 from .onnx import ExportReport, ExportVerificationError, _quiet_exporter, _reason
 from .preprocess import PreprocessConfig
 
-__all__ = ["export_tflite", "export_tflite_model", "measure_litert"]
+__all__ = ["export_tflite", "export_tflite_model", "quantize_tflite", "measure_litert"]
 
 _MISSING = ("TFLite export needs the optional packages litert-torch and ai-edge-litert: "
             "pip install 'cpubone[mobile]' in a separate environment (make mobile; docs/deployment.md)")
@@ -59,6 +60,32 @@ def export_tflite(model: nn.Module, path: Union[str, os.PathLike], input_size: T
             raise ExportError(f"{name}: TFLite conversion failed ({_reason(e)})") from e
 
     return atomic_write(path, write)
+
+
+def quantize_tflite(path: Union[str, os.PathLike], output: Union[str, os.PathLike],
+                    calib: Sequence[np.ndarray]) -> Path:
+    """Full-integer int8 copy of a float .tflite file (ai-edge-quantizer's ``static_wi8_ai8`` recipe).
+
+    Weights int8 per channel, activations int8 with ranges calibrated on ``calib`` ((1, C, H, W) float32
+    samples, preprocessed as the model expects); input and output become int8 tensors, which the
+    ``litert`` engine quantizes and dequantizes with their scales, so callers keep passing float32.
+    """
+    aeq = _require("ai_edge_quantizer")
+    from ai_edge_litert.interpreter import Interpreter
+
+    samples = [np.ascontiguousarray(x, dtype=np.float32) for x in calib]
+    if not samples:
+        raise ValueError("int8 quantization needs calibration samples")
+    signature = Interpreter(model_path=str(path)).get_signature_list()
+    (key, io), = signature.items()  # litert-torch writes one signature, serving_default, with one input
+    data = {key: [{io["inputs"][0]: x} for x in samples]}
+
+    def write(tmp: Path) -> None:
+        with _quiet_exporter():  # the quantizer prints progress bars and a size report
+            q = aeq.quantizer.Quantizer(str(path), aeq.recipe.static_wi8_ai8())
+            q.quantize(q.calibrate(data, num_threads=1)).export_model(str(tmp), overwrite=True)
+
+    return atomic_write(output, write)
 
 
 def measure_litert(path: Union[str, os.PathLike], threads: int = 1, runs: int = 50, warmup: int = 10, seed: int = 0):
