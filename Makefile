@@ -49,10 +49,11 @@ test: $(STAMP)
 
 mobile: $(MOBILE_STAMP)
 
-# what only the mobile env runs: the LiteRT conversion (engine and `export --format tflite`) and its checks;
-# the same tests skip in the main env, which lacks litert-torch
+# what only the mobile env runs: the TFLite conversion (tests/test_tflite.py, the litert engine's fp32 and
+# int8 checks, the torch-free predict of a .tflite); the same tests skip in the main env, which lacks litert-torch
 test-mobile: $(MOBILE_STAMP)
-	OMP_NUM_THREADS=1 $(MOBILE_BIN)/python -m pytest -q -k "litert or tflite" $(or $(ARGS),tests/test_engines.py tests/test_deploy.py)
+	OMP_NUM_THREADS=1 $(MOBILE_BIN)/python -m pytest -q -k "litert or tflite or torch_free" \
+		$(or $(ARGS),tests/test_tflite.py tests/test_engines.py)
 
 clean:
 	rm -rf $(VENV) $(MOBILE_VENV)
