@@ -13,6 +13,9 @@ ratios hold on a shared machine. Prints (and with --json writes):
 
     python benchmarks/runtimes.py [--runs 20] [--rounds 4] [--engines all] [--no-peers] [--json out.json]
 
+LiteRT's converter does not co-install with the main environment: its run is in ``.venv-mobile``
+(``make mobile``), e.g. ``--engines onnxruntime,litert --precisions fp32,int8`` (docs/deployment.md).
+
 Goals (issue 11): fastest verified path <= 0.45x ONNX Runtime fp32 with >= 99% top-1 agreement on a trained
 model; best fp32 engine <= 0.9x.
 """
