@@ -23,8 +23,9 @@ FP32 = [e for e in ENGINES if e != "litert"] + ["litert"]
 
 def _installed(name, for_load=False):
     if not engine_class(name).available(for_load):
+        where = "; its conversion runs in .venv-mobile: make test-mobile" if name == "litert" else ""
         pytest.skip(f"{name} not installed here ({', '.join(engine_class(name).missing(for_load))}); "
-                    f"its missing-extra error is tested below")
+                    f"its missing-extra error is tested below{where}")
 
 
 @pytest.fixture(scope="module")
