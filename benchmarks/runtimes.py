@@ -22,8 +22,10 @@ model; best fp32 engine <= 0.9x.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -143,6 +145,7 @@ def main() -> int:
     peer_engines = [e for e in peer_engines if e in engines]
 
     work = Path(tempfile.mkdtemp(prefix="cpubone-runtimes-"))
+    atexit.register(shutil.rmtree, work, True)  # the artifacts of one run take ~0.5 GB
     calib = photo_calibration()
     b0 = inference_form(build("cpubone_b0"))
     jobs = [("cpubone_b0", e, pr, b0) for e in engines for pr in precisions]
