@@ -10,15 +10,30 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cpubone-installed
+# the TFLite converter (extra [mobile]: litert-torch) pins typing_extensions below what the main env's
+# packages need, so it gets an environment of its own: make mobile / make test-mobile (docs/deployment.md)
+MOBILE_VENV ?= .venv-mobile
+MOBILE_BIN := $(MOBILE_VENV)/bin
+MOBILE_STAMP := $(MOBILE_VENV)/.cpubone-installed
+# the converter, ONNX Runtime (the reference LiteRT is timed against), bench's plots and the test tools
+MOBILE_EXTRAS := mobile,bench,deploy,test
 
-.PHONY: bench test setup clean
+.PHONY: bench test setup clean mobile test-mobile
+
+# $(call venv,DIR,EXTRAS): a venv in DIR with torch as pinned above, then cpubone[EXTRAS] in editable mode
+define venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(1)/bin/python -m pip install -q -e '.[$(2)]'
+	touch $(1)/.cpubone-installed
+endef
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e '.[all]'
-	touch $(STAMP)
+	$(call venv,$(VENV),all)
+
+$(MOBILE_STAMP): pyproject.toml
+	$(call venv,$(MOBILE_VENV),$(MOBILE_EXTRAS))
 
 setup: $(STAMP)
 
@@ -33,5 +48,13 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $$(nproc) --durations=15 -m "not own_process" $(ARGS)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m own_process $(ARGS) || [ $$? -eq 5 ]
 
+mobile: $(MOBILE_STAMP)
+
+# what only the mobile env runs: the TFLite conversion (tests/test_tflite.py, the litert engine's fp32 and
+# int8 checks, the torch-free predict of a .tflite); the same tests skip in the main env, which lacks litert-torch
+test-mobile: $(MOBILE_STAMP)
+	OMP_NUM_THREADS=1 $(MOBILE_BIN)/python -m pytest -q -k "litert or tflite or torch_free" \
+		$(or $(ARGS),tests/test_tflite.py tests/test_engines.py)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(MOBILE_VENV)

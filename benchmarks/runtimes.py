@@ -13,14 +13,19 @@ ratios hold on a shared machine. Prints (and with --json writes):
 
     python benchmarks/runtimes.py [--runs 20] [--rounds 4] [--engines all] [--no-peers] [--json out.json]
 
+LiteRT's converter does not co-install with the main environment: its run is in ``.venv-mobile``
+(``make mobile``), e.g. ``--engines onnxruntime,litert --precisions fp32,int8`` (docs/deployment.md).
+
 Goals (issue 11): fastest verified path <= 0.45x ONNX Runtime fp32 with >= 99% top-1 agreement on a trained
 model; best fp32 engine <= 0.9x.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -140,6 +145,7 @@ def main() -> int:
     peer_engines = [e for e in peer_engines if e in engines]
 
     work = Path(tempfile.mkdtemp(prefix="cpubone-runtimes-"))
+    atexit.register(shutil.rmtree, work, True)  # the artifacts of one run take ~0.5 GB
     calib = photo_calibration()
     b0 = inference_form(build("cpubone_b0"))
     jobs = [("cpubone_b0", e, pr, b0) for e in engines for pr in precisions]

@@ -23,8 +23,9 @@ FP32 = [e for e in ENGINES if e != "litert"] + ["litert"]
 
 def _installed(name, for_load=False):
     if not engine_class(name).available(for_load):
+        where = "; its conversion runs in .venv-mobile: make test-mobile" if name == "litert" else ""
         pytest.skip(f"{name} not installed here ({', '.join(engine_class(name).missing(for_load))}); "
-                    f"its missing-extra error is tested below")
+                    f"its missing-extra error is tested below{where}")
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def trained(trained_nano):
 
 
 @pytest.mark.parametrize("name,precision", [("onnxruntime", "int8"), ("openvino", "int8"), ("openvino", "bf16"),
-                                            ("executorch", "int8"), ("eager", "bf16")])
+                                            ("executorch", "int8"), ("litert", "int8"), ("eager", "bf16")])
 def test_low_precision_agrees_with_fp32_on_a_trained_model(name, precision, trained, tmp_path):
     _installed(name)
     model, form, vx, vy, ref = trained

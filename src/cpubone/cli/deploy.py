@@ -81,6 +81,8 @@ def _print_report(report, as_json: bool) -> None:
         print(f"  {c.input:24s} max abs diff {c.max_abs_diff:.2e}  (max |logit| {c.max_abs_ref:.2f})  "
               f"top-1 {'same' if c.top1_agree else 'DIFFERENT'}")
     print(f"  OK: max abs difference {report.max_abs_diff:.2e}")
+    if getattr(report, "metadata_path", None):
+        print(f"wrote {report.metadata_path} (preprocessing and class names, read by `cpubone predict`)")
     if getattr(report, "int8_path", None):
         agree = sum(c.top1_agree for c in report.int8_checks)
         print(f"wrote {report.int8_path} (int8, static QDQ); vs fp32 on {len(report.int8_checks)} photos: "

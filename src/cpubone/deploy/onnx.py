@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -55,7 +55,9 @@ def _quiet_exporter() -> Iterator[None]:
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     try:
-        with open(os.devnull, "w") as null, warnings.catch_warnings():
+        # sys.stdout too: where it is not file descriptor 1 (a notebook, pytest's capture), Python-level
+        # progress printers (litert-torch's) would still reach it
+        with open(os.devnull, "w") as null, warnings.catch_warnings(), redirect_stdout(null), redirect_stderr(null):
             warnings.simplefilter("ignore")
             os.dup2(null.fileno(), 1)
             os.dup2(null.fileno(), 2)
@@ -216,6 +218,7 @@ class ExportReport:
     checks: List[VerifyResult] = field(default_factory=list)
     int8_path: Optional[str] = None
     int8_checks: List[VerifyResult] = field(default_factory=list)
+    metadata_path: Optional[str] = None  # FILE.json beside a format without metadata of its own (TFLite)
 
     @property
     def max_abs_diff(self) -> float:

@@ -2,10 +2,11 @@
 
 Needs ``litert-torch`` (PyTorch -> .tflite) and ``ai-edge-litert`` (the interpreter, XNNPACK on CPU).
 They are not in the default environment: they pull in jax and transformers and pin an older
-``typing_extensions``; install them with ``pip install 'cpubone[mobile]'`` in a separate environment.
+``typing_extensions``; ``make mobile`` installs them in a separate environment, ``.venv-mobile``.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
@@ -14,57 +15,85 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..outputs import atomic_write, check_output_file
-from .onnx import ExportReport, ExportVerificationError, VerifyResult, photo_inputs
+from ..outputs import atomic_write, atomic_write_text, check_output_file
+from ..engines import get_engine
+from ..engines.base import ExportError
+from ..engines.verify import EngineVerificationError, verification_inputs, verify_fp32
+from .onnx import ExportReport, ExportVerificationError, _quiet_exporter, _reason
 from .preprocess import PreprocessConfig
 
-__all__ = ["export_tflite", "export_tflite_model", "litert_interpreter", "measure_litert"]
+__all__ = ["export_tflite", "export_tflite_model", "quantize_tflite", "measure_litert"]
 
 _MISSING = ("TFLite export needs the optional packages litert-torch and ai-edge-litert: "
-            "pip install 'cpubone[mobile]' (preferably in a separate environment; see docs/deployment.md)")
+            "pip install 'cpubone[mobile]' in a separate environment (make mobile; docs/deployment.md)")
 
 
 def _require(module: str):
     import importlib
 
     try:
-        return importlib.import_module(module)
+        with _quiet_exporter():  # importing the converter logs TensorFlow's C++ start-up lines
+            return importlib.import_module(module)
     except ImportError as e:
         raise ValueError(f"{_MISSING} ({e})") from None
 
 
-def export_tflite(model: nn.Module, path: Union[str, os.PathLike], input_size: Tuple[int, int] = (224, 224)) -> Path:
-    """Convert ``model`` (eval, batch 1, float32, fixed size) to a .tflite file with litert-torch."""
+def export_tflite(model: nn.Module, path: Union[str, os.PathLike], input_size: Tuple[int, int] = (224, 224),
+                  name: Optional[str] = None) -> Path:
+    """Convert ``model`` (eval, batch 1, float32, fixed size) to a .tflite file with litert-torch.
+
+    The converter's progress lines and logs are silenced; a model it cannot convert raises ``ExportError``
+    naming ``name`` (default: its architecture) and the converter's reason in one line.
+    """
     litert_torch = _require("litert_torch")
+    name = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     model.eval()
     x = torch.randn(1, getattr(model, "in_chans", 3), *input_size)
-    return atomic_write(path, lambda tmp: litert_torch.convert(model, (x,)).export(str(tmp)))
+
+    def write(tmp: Path) -> None:
+        try:
+            with _quiet_exporter(), torch.no_grad():
+                litert_torch.convert(model, (x,)).export(str(tmp))
+        except OSError:
+            raise  # the destination, not the model: atomic_write names the file
+        except Exception as e:  # torch.export, the MLIR lowering and the converter raise many types
+            raise ExportError(f"{name}: TFLite conversion failed ({_reason(e)})") from e
+
+    return atomic_write(path, write)
 
 
-def litert_interpreter(path: Union[str, os.PathLike], threads: int = 1):
-    """A LiteRT interpreter (XNNPACK CPU delegate) with ``threads`` threads, tensors allocated."""
-    interp_mod = _require("ai_edge_litert.interpreter")
-    it = interp_mod.Interpreter(model_path=str(path), num_threads=threads)
-    it.allocate_tensors()
-    return it
+def quantize_tflite(path: Union[str, os.PathLike], output: Union[str, os.PathLike],
+                    calib: Sequence[np.ndarray]) -> Path:
+    """Full-integer int8 copy of a float .tflite file (ai-edge-quantizer's ``static_wi8_ai8`` recipe).
+
+    Weights int8 per channel, activations int8 with ranges calibrated on ``calib`` ((1, C, H, W) float32
+    samples, preprocessed as the model expects); input and output become int8 tensors, which the
+    ``litert`` engine quantizes and dequantizes with their scales, so callers keep passing float32.
+    """
+    aeq = _require("ai_edge_quantizer")
+    from ai_edge_litert.interpreter import Interpreter
+
+    samples = [np.ascontiguousarray(x, dtype=np.float32) for x in calib]
+    if not samples:
+        raise ValueError("int8 quantization needs calibration samples")
+    signature = Interpreter(model_path=str(path)).get_signature_list()
+    (key, io), = signature.items()  # litert-torch writes one signature, serving_default, with one input
+    data = {key: [{io["inputs"][0]: x} for x in samples]}
+
+    def write(tmp: Path) -> None:
+        with _quiet_exporter():  # the quantizer prints progress bars and a size report
+            q = aeq.quantizer.Quantizer(str(path), aeq.recipe.static_wi8_ai8())
+            q.quantize(q.calibrate(data, num_threads=1)).export_model(str(tmp), overwrite=True)
+
+    return atomic_write(output, write)
 
 
-def _run(it, x: np.ndarray) -> np.ndarray:
-    it.set_tensor(it.get_input_details()[0]["index"], x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])
-
-
-def measure_litert(path: Union[str, os.PathLike], input_shape: Sequence[int], threads: int = 1, runs: int = 50,
-                   warmup: int = 10, seed: int = 0):
-    """Batch-1 latency of a .tflite file in LiteRT, timed by the project's one harness."""
+def measure_litert(path: Union[str, os.PathLike], threads: int = 1, runs: int = 50, warmup: int = 10, seed: int = 0):
+    """Batch-1 latency of a .tflite file in LiteRT (the ``litert`` engine), timed by the project's one harness."""
     from ..engines.timing import time_callable
 
-    it = litert_interpreter(path, threads)
-    x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
-    inp = it.get_input_details()[0]["index"]
-    it.set_tensor(inp, x)
-    return time_callable(it.invoke, runs, warmup, threads, "litert")
+    runner = get_engine("litert", for_load=True).load(path, threads)
+    return time_callable(runner.timer(seed), runs, warmup, threads, "litert")
 
 
 def export_tflite_model(model: Union[str, nn.Module], output: Union[str, os.PathLike],
@@ -72,12 +101,12 @@ def export_tflite_model(model: Union[str, nn.Module], output: Union[str, os.Path
                         input_size: Optional[Tuple[int, int]] = None, tolerance: float = 1e-4) -> ExportReport:
     """``cpubone export --format tflite``: inference form -> .tflite, verified against PyTorch.
 
-    TFLite files have no free-form metadata like ONNX's ``metadata_props``; the preprocessing is that of
-    ``PreprocessConfig.from_data_config(resolve_data_config(model=...))``.
+    TFLite files have no free-form metadata like ONNX's ``metadata_props``, so the preprocessing and class
+    names go beside the file as ``FILE.tflite.json`` (what ``cpubone deploy`` writes too), where
+    ``cpubone predict FILE.tflite`` reads them.
     """
-    from timm.data import resolve_data_config
-
     from ..models import CPUBone, create_model
+    from .onnx import model_metadata
     from .reparam import reparameterize
 
     name = model if isinstance(model, str) else type(model).__name__
@@ -89,23 +118,15 @@ def export_tflite_model(model: Union[str, nn.Module], output: Union[str, os.Path
     if input_size is None:
         input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:])
     deploy_model = reparameterize(model) if isinstance(model, CPUBone) else model
-    output = export_tflite(deploy_model, output, input_size)
-    data_cfg = resolve_data_config(model=model)
-    data_cfg["input_size"] = (getattr(model, "in_chans", 3), *input_size)
-    cfg = PreprocessConfig.from_data_config(data_cfg)
-    it = litert_interpreter(output)
-    inputs = [("random", np.random.default_rng(0).standard_normal((1, cfg.input_size[0], *input_size)).astype(np.float32))]
-    inputs += photo_inputs(cfg)
+    meta = model_metadata(model, tuple(input_size), name=name)
+    output = export_tflite(deploy_model, output, input_size, name=name)
+    runner = get_engine("litert", for_load=True).load(output)
     report = ExportReport(str(output), name, tuple(input_size), False, 0, tolerance)
-    for label, x in inputs:
-        with torch.no_grad():
-            ref = model(torch.from_numpy(x)).numpy()
-        out = _run(it, x)
-        report.checks.append(VerifyResult(label, tuple(x.shape), float(np.abs(out - ref).max()),
-                                          float(np.abs(ref).max()), bool((out.argmax(-1) == ref.argmax(-1)).all())))
-    bad = [c for c in report.checks if not c.max_abs_diff <= tolerance * max(1.0, c.max_abs_ref)]
-    if bad:
-        os.replace(output, Path(str(output) + ".failed"))
-        raise ExportVerificationError(f"{output}: LiteRT disagrees with PyTorch by {max(c.max_abs_diff for c in bad):.3g} "
-                                      f"on {bad[0].input}")
+    try:
+        report.checks = verify_fp32(runner, model, verification_inputs(PreprocessConfig.from_metadata(meta)), tolerance)
+    except EngineVerificationError as e:
+        os.replace(output, output.with_name(output.name + ".failed"))  # no unverified file under the asked name
+        raise ExportVerificationError(str(e)) from None
+    meta.update({"cpubone.engine": json.dumps("litert"), "cpubone.precision": json.dumps("fp32")})
+    report.metadata_path = str(atomic_write_text(str(output) + ".json", json.dumps(meta, indent=2)))
     return report
