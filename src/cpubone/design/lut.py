@@ -201,10 +201,18 @@ def model_runner(config: Dict[str, Any], size: Sequence[int], engine: str, threa
 def time_rounds(runners: Dict[str, Callable[[], object]], engine: str, threads: int, rounds: int, runs: int,
                 warmup: int, clock: str = "wall") -> Dict[str, List[float]]:
     """Per-call times (ms) of every runner, timed in ``rounds`` interleaved rounds of ``runs`` calls each,
-    so that a change of load on the machine hits all runners alike."""
+    so that a change of load on the machine hits all runners alike.
+
+    At more than one thread each runner is timed in one block of ``rounds x runs`` calls instead: a thread
+    pool switched in every few calls does not reach the steady state it has inside a whole network (B0's
+    units at two threads, timed in turn, summed to 1.3-1.6x what they take timed one after another, on a
+    2-core AMD EPYC; at one thread the two agree within 2%).
+    """
     from ..analysis.latency import time_callable, torch_threads
 
     times: Dict[str, List[float]] = {k: [] for k in runners}
+    if threads > 1:
+        runs, rounds = runs * rounds, 1
     for r in range(rounds):
         for key, fn in runners.items():
             args = (fn, runs, warmup if r == 0 else 1, threads, engine)

@@ -13,7 +13,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["LatencyResult", "check_timing_args", "time_callable", "summarize_times", "time_interleaved"]
+# Before timing a call at more than one thread, wait this long: the worker threads of the runtime timed just
+# before (another ONNX Runtime session, OpenVINO, torch) spin for a while after their last call before they
+# park, and on a small CPU they take the cores from the call being timed. Interleaved timing switches
+# between many such runtimes; without the pause, 0.1 ms units timed in turn with B0's other units at two
+# threads measured 1.6x what they take one session at a time (design LUT, 2-core AMD EPYC).
+SETTLE_S = 0.02
+
+__all__ = ["LatencyResult", "SETTLE_S", "check_timing_args", "time_callable", "summarize_times", "time_interleaved"]
 
 
 @dataclass
@@ -60,6 +67,8 @@ def time_callable(fn: Callable[[], object], runs: int = 50, warmup: int = 10, th
     single-threaded call on an idle core).
     """
     check_timing_args(threads, runs, warmup)
+    if threads > 1:
+        time.sleep(SETTLE_S)  # let the previous runtime's spinning threads park (see SETTLE_S)
     for _ in range(warmup):
         fn()
     run_times: List[float] = []
