@@ -154,8 +154,9 @@ def main(argv=None) -> int:
         report["results"][str(threads)] = dict(accuracy=a, design=b)
         (out / "design_accuracy.json").write_text(json.dumps(report, indent=1))
         print(f"\n## {machine_info().header(threads)}")
-        print(f"ONNX Runtime, batch 1, {size[0]}x{size[1]}, inference form; entries, reference and models timed "
-              f"in {args.rounds} interleaved rounds of {args.runs} calls\n")
+        how = (f"in {args.rounds} interleaved rounds of {args.runs} calls" if threads == 1 else
+               f"in one block of {args.rounds * args.runs} calls each (time_rounds at more than one thread)")
+        print(f"ONNX Runtime, batch 1, {size[0]}x{size[1]}, inference form; entries, reference and models timed {how}\n")
         stats = list(a)
         print("| model | " + " | ".join(f"predicted ms ({k}) | measured ms ({k}) | error" for k in stats) + " |")
         print("|---|" + "---:|---:|---:|" * len(stats))
