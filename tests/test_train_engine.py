@@ -19,10 +19,6 @@ from cpubone.train.data import write_digits_imagefolder
 from conftest import ISOLATED
 from official import OFFICIAL_DIR
 
-# not inside a pytest-xdist worker (Makefile): a worker waiting on this module's first training run died
-# ("node down", no signal or exit it could log) in three fresh-clone CI runs; alone it always passes
-pytestmark = pytest.mark.own_process
-
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
