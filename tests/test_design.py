@@ -237,3 +237,19 @@ def test_fit_overhead_through_two_references():
     # never less than one call
     fixed, scale = fit_overhead([3.0, 9.9], [4.0, 10.0], 0.01)
     assert fixed == 0.01 and 0.8 <= scale <= 1.5
+
+
+def test_time_rounds_interleaves_at_one_thread_and_blocks_above(monkeypatch):
+    """One thread: runners alternate round by round (load hits them alike). More threads: each runner's calls
+    run back to back (a thread pool switched in every few calls is not in its steady state), and the timing
+    harness pauses before each multi-thread runner so the previous runtime's threads can park."""
+    from cpubone.engines import timing
+
+    sleeps = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: sleeps.append(s))
+    for threads, expected in ((1, list("ab") + list("aabb")), (2, list("aabb"))):  # later rounds warm up once
+        calls, sleeps[:] = [], []
+        runners = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+        times = lut_mod.time_rounds(runners, "onnxruntime", threads, rounds=2, runs=1, warmup=0)
+        assert calls == expected and all(len(v) == 2 for v in times.values())
+        assert sleeps == ([] if threads == 1 else [timing.SETTLE_S] * 2)
