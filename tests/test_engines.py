@@ -64,12 +64,40 @@ def test_fp32_matches_training_form_and_reloads(name, nano, inputs, fp32_runners
     out = runner(batch)  # a batch runs sample by sample
     assert out.shape == (3, 1000)
     np.testing.assert_allclose(out, torch_reference(nano[0])(batch), atol=1e-4 * max(1, np.abs(out).max()))
-    if name == "executorch":
-        assert runner.describe()["partitions"] >= 1 and isinstance(runner.describe()["portable_ops"], dict)
+    if name == "executorch":  # xnnpack_form leaves nothing to the portable kernels: one XNNPACK partition
+        assert runner.describe()["partitions"] == 1 and runner.describe()["portable_ops"] == {}
     if runner.artifact is not None:
         assert engine_for_file(runner.artifact) == name
         again = load_artifact(runner.artifact)
         np.testing.assert_array_equal(again(inputs[1][1]), runner(inputs[1][1]))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (45, 71)])
+def test_xnnpack_form_computes_the_inference_form(nano, size):
+    """GroupNorm, Lowtention's output conv + nearest upsample and the head's LayerNorm, rewritten into
+    XNNPACK's ops, compute the same logits and features (odd sizes: padded and cropped as before)."""
+    from timm.layers import GroupNorm1
+
+    from cpubone.engines.xnnpack_form import (GroupNorm1AsMeans, LowtentionTransposedOut, PooledHeadAsConvs,
+                                              xnnpack_form)
+
+    form = nano[1]
+    xnn = xnnpack_form(form)
+    kinds = {type(m) for m in xnn.modules()}
+    assert {GroupNorm1AsMeans, LowtentionTransposedOut, PooledHeadAsConvs} <= kinds
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in xnn.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in form.modules())  # the form itself is untouched
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ref, out = form(x), xnn(x)
+        feats = form.forward_features(x)
+        pre_ref, pre = form.forward_head(feats, pre_logits=True), xnn.forward_head(feats, pre_logits=True)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    np.testing.assert_allclose(pre, pre_ref, rtol=0, atol=1e-4 * pre_ref.abs().max().item())
+    norm = GroupNorm1(24, eps=1e-5)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    y = torch.randn(1, 24, 5, 3) * 3 + 1
+    np.testing.assert_allclose(xnnpack_form(norm)(y).detach(), norm(y).detach(), atol=1e-5)
 
 
 def test_wrong_input_shape_and_bad_precision(fp32_runners):

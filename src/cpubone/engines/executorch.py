@@ -4,8 +4,10 @@ The inference form is captured with ``torch.export``, (for int8) quantized with 
 given samples -- and lowered with ``to_edge_transform_and_lower`` and the XNNPACK partitioner into a
 ``.pte`` program. Ops XNNPACK does not take stay in ExecuTorch's portable kernels; each run of delegated
 ops between them is one XNNPACK partition, and every boundary costs a hand-over, so the runner reports
-how many there are (``info["partitions"]``, and the portable ops left in ``info["portable_ops"]``); the
-no-op broadcasts of the attention matmuls are removed before lowering so they do not split partitions.
+how many there are (``info["partitions"]``, and the portable ops left in ``info["portable_ops"]``).
+``xnnpack_form`` rewrites the ops XNNPACK has no kernel for (GroupNorm, Lowtention's nearest upsample, the
+head's LayerNorm) into ones it has, so CPUBone lowers into a single partition, and the no-op broadcasts
+of the attention matmuls are removed before lowering.
 Running a ``.pte`` needs torch (ExecuTorch's Python runtime takes torch tensors).
 """
 from __future__ import annotations
@@ -52,10 +54,13 @@ class ExecuTorchEngine(Engine):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
+        from .xnnpack_form import xnnpack_form
+
         x = torch.randn(input_shape)
         model = model.eval()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            model = xnnpack_form(model)  # GroupNorm, nearest upsample and LayerNorm in XNNPACK's ops
             if precision == "int8":
                 model = _quantize_pt2e(model, x, calibration_batches(calib))
             ep = _drop_noop_expands(torch.export.export(model, (x,)))

@@ -445,11 +445,11 @@ class LowtentionInference(nn.Module):
         self.qkv = qkv
         self.out = copy.deepcopy(attn.out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Projection, qkv and attention: the heads' output at the projected resolution, before ``out``."""
         H, W = x.shape[-2:]
         s = self.stride
-        general = _SHAPE_GENERAL and torch.jit.is_tracing()
-        if s > 1 and (general or H % s or W % s):
+        if s > 1 and ((_SHAPE_GENERAL and torch.jit.is_tracing()) or H % s or W % s):
             x = pad_to_multiple(x, s)
         x = self.qkv(self.proj(x))
         B, _, h, w = x.shape
@@ -457,8 +457,13 @@ class LowtentionInference(nn.Module):
         qkv = x.reshape(B, self.num_heads, 3 * d, h * w)
         q, k, v = qkv[:, :, :d], qkv[:, :, d:2 * d], qkv[:, :, 2 * d:]
         a = torch.matmul(q.transpose(-1, -2), k).softmax(dim=-1)
-        o = torch.matmul(v, a.transpose(-1, -2)).reshape(B, self.num_heads * d, h, w)
-        o = self.out(o)
+        return torch.matmul(v, a.transpose(-1, -2)).reshape(B, self.num_heads * d, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        s = self.stride
+        general = _SHAPE_GENERAL and torch.jit.is_tracing()
+        o = self.out(self.attend(x))
         if s > 1:
             o = F.interpolate(o, scale_factor=float(s), mode="nearest")
             if general or o.shape[-2] != H or o.shape[-1] != W:

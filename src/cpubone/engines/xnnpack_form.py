@@ -1,0 +1,104 @@
+"""The inference form rewritten into ops XNNPACK has kernels for (used by the ExecuTorch engine).
+
+Left as they are, ExecuTorch runs GroupNorm, nearest upsampling and LayerNorm in its portable (reference)
+kernels, and each of them splits the XNNPACK graph into another partition with a hand-over on both sides
+(cpubone_b0 at 224: 20 partitions; 1 after this rewrite, and ~5% faster at one thread on AMD EPYC).
+Each rewrite computes the same function (fp32 rounding aside):
+
+* ``GroupNorm(1, C)`` (timm's ``GroupNorm1`` included): per-channel spatial means, averaged over the
+  channels by a 1x1 conv with weights 1/C (XNNPACK's mean reduces only H and W); the variance alike.
+* Lowtention's 1x1 output conv followed by the nearest upsample by s: one transposed conv with kernel s
+  and stride s whose s x s taps all hold the 1x1 weights, since each output pixel then receives exactly
+  one low-resolution pixel's projection. (A depthwise all-ones transposed conv after the 1x1 conv is
+  exact as well but made B0 slower than leaving the upsample to the portable kernel.)
+* The classifier head's Linear + LayerNorm on the pooled vector: a 1x1 conv and the GroupNorm above on
+  the 1 x 1 map, pooled with ``keepdim`` (XNNPACK's mean keeps the reduced dims only).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..models.cpubone import ClassifierHead
+from ..models.layers import LowtentionInference
+
+__all__ = ["xnnpack_form", "GroupNorm1AsMeans", "LowtentionTransposedOut", "PooledHeadAsConvs"]
+
+
+def xnnpack_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the modules above swapped; everything else is shared as it is."""
+
+    def swap(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.GroupNorm) and module.num_groups == 1:
+            return GroupNorm1AsMeans(module.num_channels, module.eps, module.weight, module.bias)
+        if isinstance(module, LowtentionInference) and module.stride > 1:
+            return LowtentionTransposedOut(module)
+        if isinstance(module, ClassifierHead) and module.global_pool == "avg":
+            return PooledHeadAsConvs(module)
+        for name, child in module.named_children():
+            setattr(module, name, swap(child))
+        return module
+
+    return swap(copy.deepcopy(model)).eval()
+
+
+class GroupNorm1AsMeans(nn.Module):
+    """GroupNorm over all of (C, H, W) from spatial means and a channel-averaging 1x1 conv."""
+
+    def __init__(self, channels: int, eps: float, weight: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.mean_c = nn.Conv2d(channels, 1, 1, bias=False)
+        nn.init.constant_(self.mean_c.weight, 1.0 / channels)
+        shape = (1, channels, 1, 1)
+        self.weight = None if weight is None else nn.Parameter(weight.detach().reshape(shape).clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().reshape(shape).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # equal counts per channel, so the mean of the channels' means is the mean over (C, H, W)
+        d = x - self.mean_c(x.mean((2, 3), keepdim=True))
+        y = d * torch.rsqrt(self.mean_c((d * d).mean((2, 3), keepdim=True)) + self.eps)
+        return y if self.weight is None else y * self.weight + self.bias
+
+
+class LowtentionTransposedOut(nn.Module):
+    """Lowtention (stride s > 1) with its output conv and nearest upsample as one transposed conv."""
+
+    def __init__(self, attn: LowtentionInference) -> None:
+        super().__init__()
+        s = attn.stride
+        w = attn.out.weight.detach()[:, :, 0, 0]  # (dim, inner)
+        self.out_up = nn.ConvTranspose2d(w.shape[1], w.shape[0], s, s)
+        with torch.no_grad():
+            self.out_up.weight.copy_(w.t()[:, :, None, None].expand(-1, -1, s, s))
+            self.out_up.bias.copy_(attn.out.bias)
+        # shares the projection and qkv; the 1x1 `out` lives on in `out_up` only (no dead weights in the file)
+        self.attn = copy.copy(attn)
+        self.attn._modules = {k: m for k, m in attn._modules.items() if k != "out"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        o = self.out_up(self.attn.attend(x))
+        return o if tuple(o.shape[-2:]) == (H, W) else o[:, :, :H, :W]
+
+
+class PooledHeadAsConvs(nn.Module):
+    """``ClassifierHead`` (global average pool) with its Linear + LayerNorm as 1x1 conv + GroupNorm1AsMeans."""
+
+    def __init__(self, head: ClassifierHead) -> None:
+        super().__init__()
+        self.conv, self.pre_act, self.drop, self.fc = head.conv, head.pre_act, head.drop, head.fc
+        self.pre_fc = nn.Conv2d(head.pre_fc.in_features, head.pre_fc.out_features, 1, bias=False)
+        with torch.no_grad():
+            self.pre_fc.weight.copy_(head.pre_fc.weight[:, :, None, None])
+        norm = head.pre_norm
+        self.pre_norm = GroupNorm1AsMeans(norm.normalized_shape[0], norm.eps, norm.weight, norm.bias)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pre_fc(self.conv(x).mean((2, 3), keepdim=True))
+        x = self.pre_act(self.pre_norm(x)).flatten(1)
+        return x if pre_logits else self.fc(self.drop(x))
