@@ -11,6 +11,10 @@ Part B, the real workflow: ``build_lut`` over the whole default space (resumable
 for the best proxy under ``--budget-ms`` (default: 75% of B0's predicted latency), then the winner and B0
 are measured in interleaved rounds: the winner should come in within 10% of its budget.
 
+At more than one thread, every session of the run shares one ONNX Runtime thread pool (as ``cpubone
+design lut`` does; ONNX Runtime allows one pool size per process, so run one thread count > 1 per
+process) and every runner's figure is its fastest round's median (``estimate_ms``, as in the table).
+
 Clocks: wall time, and for one thread also CPU time per call (``time.process_time``). On a machine shared
 beyond its cores a whole network (milliseconds) is preempted many times per call and a 0.1 ms unit rarely,
 so wall-clock medians of whole models grow with the load while the units' do not; CPU time is what one
@@ -33,8 +37,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from cpubone.analysis.machine import machine_info  # noqa: E402
-from cpubone.design.lut import (REFERENCES, LatencyTable, build_lut, fit_overhead, model_runner,  # noqa: E402
-                                overhead_runner, time_rounds, unit_runner, unit_work)
+from cpubone.design.lut import (REFERENCES, LatencyTable, build_lut, estimate_ms, fit_overhead,  # noqa: E402
+                                model_runner, overhead_runner, time_rounds, unit_runner, unit_work)
+from cpubone.engines.onnxruntime import share_thread_pool  # noqa: E402
 from cpubone.design.predict import predict_latency  # noqa: E402
 from cpubone.design.search import SearchSpace, released_units, sample_config, score, search, space_units  # noqa: E402
 from cpubone.design.units import model_units  # noqa: E402
@@ -79,7 +84,7 @@ def part_a(threads: int, size, n_random: int, rounds: int, runs: int, seed: int)
             runners["model:" + name] = model_runner(cfg, size, ENGINE, threads, tmp, name)
         for clock in clocks_for(threads):
             t0 = time.time()
-            med = {k: statistics.median(v) for k, v in
+            med = {k: estimate_ms(v, runs, threads) for k, v in
                    time_rounds(runners, ENGINE, threads, rounds, runs, 2, clock).items()}
             print(f"[{threads} thread(s)] {clock} clock: {len(runners)} runners x {rounds} rounds in "
                   f"{time.time() - t0:.0f} s", file=sys.stderr)
@@ -100,7 +105,9 @@ def part_a(threads: int, size, n_random: int, rounds: int, runs: int, seed: int)
                                  median_abs_error_pct=statistics.median(errs),
                                  worst_abs_error_pct=max(errs),
                                  released_median_abs_error_pct=statistics.median(errs[: len(VARIANTS)]),
-                                 random_median_abs_error_pct=statistics.median(errs[len(VARIANTS):]))
+                                 random_median_abs_error_pct=statistics.median(errs[len(VARIANTS):]),
+                                 # every runner's figure, to trace an error to the entries behind it
+                                 measured_ms={k: round(v, 5) for k, v in med.items()})
     return result
 
 
@@ -124,7 +131,8 @@ def part_b(threads: int, size, out: Path, budget_ms, rounds: int, lut_runs: int)
         runners = {"designed": model_runner(res.best.config, size, ENGINE, threads, tmp, "designed"),
                    "cpubone_b0": model_runner(variant_config("cpubone_b0"), size, ENGINE, threads, tmp, "b0")}
         for c in clocks_for(threads):
-            med = {k: statistics.median(v) for k, v in time_rounds(runners, ENGINE, threads, rounds, 10, 3, c).items()}
+            med = {k: estimate_ms(v, 10, threads) for k, v in
+                   time_rounds(runners, ENGINE, threads, rounds, 10, 3, c).items()}
             out_b[c] = dict(measured_ms=round(med["designed"], 3), measured_over_budget=round(med["designed"] / budget, 3),
                             b0_measured_ms=round(med["cpubone_b0"], 3),
                             designed_over_b0=round(med["designed"] / med["cpubone_b0"], 3))
@@ -148,6 +156,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     size = tuple(args.size)
     report = dict(machine=machine_info().to_dict(), size=list(size), args=vars(args), results={})
+    shared = len(args.threads) == 1 and args.threads[0] > 1 and share_thread_pool(args.threads[0])
+    if any(t > 1 for t in args.threads) and not shared:
+        print("note: sessions at more than one thread keep a pool each here (one ONNX Runtime pool size per "
+              "process): run each thread count > 1 on its own (--threads 2) for the table's timing", file=sys.stderr)
     for threads in args.threads:
         a = part_a(threads, size, args.random, args.rounds, args.runs, args.seed)
         b = None if args.skip_design else part_b(threads, size, out, args.budget_ms, args.rounds, args.lut_runs)
@@ -155,7 +167,8 @@ def main(argv=None) -> int:
         (out / "design_accuracy.json").write_text(json.dumps(report, indent=1))
         print(f"\n## {machine_info().header(threads)}")
         how = (f"in {args.rounds} interleaved rounds of {args.runs} calls" if threads == 1 else
-               f"in one block of {args.rounds * args.runs} calls each (time_rounds at more than one thread)")
+               f"in {args.rounds} interleaved rounds of {args.runs} calls, the fastest round's median"
+               + (", one shared thread pool" if shared else ", a thread pool per session"))
         print(f"ONNX Runtime, batch 1, {size[0]}x{size[1]}, inference form; entries, reference and models timed {how}\n")
         stats = list(a)
         print("| model | " + " | ".join(f"predicted ms ({k}) | measured ms ({k}) | error" for k in stats) + " |")

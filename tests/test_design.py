@@ -239,17 +239,82 @@ def test_fit_overhead_through_two_references():
     assert fixed == 0.01 and 0.8 <= scale <= 1.5
 
 
-def test_time_rounds_interleaves_at_one_thread_and_blocks_above(monkeypatch):
-    """One thread: runners alternate round by round (load hits them alike). More threads: each runner's calls
-    run back to back (a thread pool switched in every few calls is not in its steady state), and the timing
-    harness pauses before each multi-thread runner so the previous runtime's threads can park."""
+def test_time_rounds_interleaves_and_warms_up_every_round_above_one_thread(monkeypatch):
+    """Runners alternate round by round (load hits them alike). At one thread later rounds warm up with one
+    call; at more, with at least three (a thread pool switched in needs them to reach its steady state), and
+    the timing harness pauses before each multi-thread runner so the previous runtime's threads can park."""
     from cpubone.engines import timing
 
     sleeps = []
     monkeypatch.setattr(timing.time, "sleep", lambda s: sleeps.append(s))
-    for threads, expected in ((1, list("ab") + list("aabb")), (2, list("aabb"))):  # later rounds warm up once
+    for threads, expected in ((1, list("ab") + list("aabb")), (2, list("ab") + list("aaaabbbb"))):
         calls, sleeps[:] = [], []
         runners = {k: (lambda k=k: calls.append(k)) for k in "ab"}
         times = lut_mod.time_rounds(runners, "onnxruntime", threads, rounds=2, runs=1, warmup=0)
         assert calls == expected and all(len(v) == 2 for v in times.values())
-        assert sleeps == ([] if threads == 1 else [timing.SETTLE_S] * 2)
+        assert sleeps == ([] if threads == 1 else [timing.SETTLE_S] * 4)
+
+
+def test_estimate_is_the_median_at_one_thread_and_the_fastest_round_above():
+    times = [5.0, 9.0, 7.0, 3.0, 4.0, 30.0, 8.0, 8.0, 8.0]  # three rounds of three calls
+    assert lut_mod.estimate_ms(times, runs=3, threads=1) == 8.0
+    assert lut_mod.estimate_ms(times, runs=3, threads=2) == 4.0  # rounds' medians 7, 4, 8
+    assert lut_mod.estimate_ms(times[:3], runs=3, threads=2) == 7.0
+
+
+def test_lut_above_one_thread_keeps_each_units_fastest_pass(tmp_path, monkeypatch):
+    """Every unit is built once and timed in UNIT_PASSES passes over the whole list; its entry is its
+    fastest pass (minus the call overhead)."""
+    units = space_units(TINY, SIZE)[:3]
+    built, passes = [], {}
+    monkeypatch.setattr(lut_mod, "unit_runner", lambda u, *a: built.append(u.key) or (lambda: None))
+    monkeypatch.setattr(lut_mod, "overhead_runner", lambda *a: (lambda: None))
+
+    def measure(fn, engine, threads, runs, warmup, clock, rounds=1):
+        if fn not in passes:
+            passes[fn] = []
+        passes[fn].append(None)
+        return 0.5 if len(passes) == 1 else [3.0, 1.0, 2.0][len(passes[fn]) - 1]  # overhead first, then units
+
+    monkeypatch.setattr(lut_mod, "_measure", measure)
+    table = build_lut(units, tmp_path / "t2.json", threads=2, runs=1, warmup=0, progress=False)
+    assert sorted(built) == sorted(u.key for u in units)  # each unit's session built once
+    assert lut_mod.UNIT_PASSES == 3 and all(e["ms"] == 0.5 for e in table.entries.values())  # min(3,1,2) - 0.5
+
+
+def test_shared_onnxruntime_pool_serves_every_later_session(tmp_path):
+    """``share_thread_pool`` (in a process of its own: one pool per process): later sessions run on it, one at
+    another thread count is refused in one line, a session made before keeps working."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, onnx
+from onnx import TensorProto, helper
+from cpubone.engines.base import EngineError
+from cpubone.engines.onnxruntime import ort_session, share_thread_pool
+g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]); m.ir_version = 8
+onnx.save(m, "relu.onnx")
+import sys
+if sys.argv[1] == "fresh":
+    before = None
+else:
+    before = ort_session("relu.onnx", 1)
+x = -np.ones((1, 4), np.float32)
+assert share_thread_pool(2) and share_thread_pool(2) and not share_thread_pool(3)
+assert (ort_session("relu.onnx", 2).run(None, {"x": x})[0] == 0).all()
+try:
+    ort_session("relu.onnx", 1)
+    raise SystemExit("a 1-thread session was accepted")
+except EngineError as e:
+    assert "shared pool of 2 thread(s)" in str(e) and "\\n" not in str(e), e
+assert before is None or (before.run(None, {"x": x})[0] == 0).all()
+print("ok")
+"""
+    for mode in ("fresh", "late"):
+        out = subprocess.run([sys.executable, "-c", code, mode], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (mode, out.stderr[-2000:])

@@ -87,6 +87,10 @@ def _lut(args: argparse.Namespace) -> int:
         units += space_units(SearchSpace.load(args.space) if args.space else SearchSpace(), size)
     for source in args.config:
         units += [u for _, u in model_units(_load(source), size)]
+    if args.threads > 1 and args.engine == "onnxruntime":
+        from ..engines.onnxruntime import share_thread_pool
+
+        share_thread_pool(args.threads)  # one pool for all the units' sessions, as inside a network
     table = build_lut(units, args.output, engine=args.engine, threads=args.threads, runs=args.runs,
                       warmup=args.warmup, clock=args.clock, sizes=[size])
     print(f"wrote {args.output}: {table.describe()}; fixed overhead at {size[0]}x{size[1]} "

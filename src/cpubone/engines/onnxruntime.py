@@ -18,7 +18,34 @@ import numpy as np
 
 from .base import Engine, EngineError, NodeTime, Runner, calibration_batches, check_threads
 
-__all__ = ["OnnxRuntimeEngine", "ort_session", "export_onnx"]
+__all__ = ["OnnxRuntimeEngine", "ort_session", "export_onnx", "share_thread_pool"]
+
+_SHARED_POOL: Optional[int] = None  # threads of this process's shared ONNX Runtime pool, once made
+
+
+def share_thread_pool(threads: int) -> bool:
+    """Give every later ONNX Runtime session of this process one shared pool of ``threads`` threads.
+
+    Timing many small sessions at more than one thread (``cpubone design lut``) is repeatable only when
+    they share one pool, as the ops of a network do: with a pool per session, each of hundreds of sessions
+    has worker threads the OS places anew, and the same unit's median moved by up to 2.4x between two
+    table builds on a 2-core AMD EPYC (0.86-1.61x for the middle 80% of units; shared: 0.98-1.04x).
+    ONNX Runtime allows one such pool per process, and once it exists every new session must run on it:
+    ``ort_session`` then refuses other thread counts (sessions made before keep their own pools).
+    Returns False where the process already has a pool of another size (or onnxruntime lacks the call).
+    """
+    global _SHARED_POOL
+    if _SHARED_POOL is not None:
+        return _SHARED_POOL == threads
+    check_threads(threads)
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        _pybind_state.set_global_thread_pool_sizes(threads, 1)
+    except Exception:  # a pool made outside this module, or an onnxruntime without the call
+        return False
+    _SHARED_POOL = threads
+    return True
 
 
 def export_onnx(model, path, input_size=(224, 224), **kwargs) -> Path:
@@ -41,8 +68,14 @@ def ort_session(path: Union[str, os.PathLike], threads: int = 1, enable_profilin
     if enable_profiling and not profile_prefix:
         raise ValueError("profiling needs profile_prefix: where ONNX Runtime writes its trace file")
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    if _SHARED_POOL is not None:
+        if threads != _SHARED_POOL:
+            raise EngineError(f"this process runs ONNX Runtime on one shared pool of {_SHARED_POOL} thread(s) "
+                              f"(share_thread_pool); a session at {threads} needs a process of its own")
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_profiling = enable_profiling
