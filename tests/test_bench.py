@@ -150,6 +150,30 @@ def test_cli_bench_writes_reports(tmp_path, capsys):
     assert "cpubone_nano" in capsys.readouterr().out
 
 
+def test_cli_bench_without_matplotlib_writes_everything_but_the_plot(tmp_path, capsys, monkeypatch):
+    """The plot is the only thing matplotlib is needed for: without it the figures are still printed and
+    written, and one line says why there is no bench.png (the same for profile's and blocks' reports)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "cli"
+    assert main(["bench", "cpubone_nano", "--size", "64", "--runs", "2", "--warmup", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert {p.name for p in out.iterdir()} == {"bench.csv", "bench.json", "bench.md"}
+    printed = capsys.readouterr().out
+    assert "cpubone_nano" in printed and "no plot: matplotlib is not installed (pip install 'cpubone[bench]')" in printed
+    assert "matplotlib is not installed" in (out / "bench.md").read_text()
+    prof = tmp_path / "prof"
+    assert main(["profile", "cpubone_nano", "--size", "64", "--runs", "2", "--warmup", "1", "--out", str(prof)]) == 0
+    assert sorted(p.suffix for p in prof.iterdir()) == [".csv", ".json", ".md"]
+    assert "no plot: matplotlib" in capsys.readouterr().out
+    from cpubone.analysis.report import PlotUnavailable, optional_plot, plot_blocks
+
+    assert optional_plot(plot_blocks, [], tmp_path / "b.png", "t") is None
+    with pytest.raises(PlotUnavailable, match="pip install 'cpubone\\[bench\\]'"):
+        plot_blocks([], tmp_path / "b.png", "t")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["bench", "no_such_model"], "no_such_model"),
     (["bench", "cpubone_nano", "--size", "16"], "size=16"),

@@ -307,19 +307,21 @@ def run_block_sweep(
 
 
 def _write(res: BlockSweepResult, out_dir: Path) -> Dict[str, str]:
-    from .report import markdown_table, plot_blocks, write_csv, write_json
+    from .report import NO_PLOT, markdown_table, optional_plot, plot_blocks, write_csv, write_json
 
     files = {
         "csv": write_csv(res.records, out_dir / "blocks.csv"),
         "json": write_json(res.to_dict(), out_dir / "blocks.json"),
-        "png": plot_blocks(res.records, out_dir / "blocks.png",
-                           f"{res.machine_header.split(' (')[0]}, {res.engine}, {res.threads} thread(s), batch 1, fp32"),
+        "png": optional_plot(plot_blocks, res.records, out_dir / "blocks.png",
+                             f"{res.machine_header.split(' (')[0]}, {res.engine}, {res.threads} thread(s), batch 1, "
+                             "fp32"),
     }
     md = ["# cpubone blocks", "", f"- machine: {res.machine_header}",
           f"- engine {res.engine}, {res.threads} thread(s), batch 1, fp32; width w at the spatial size it has in "
           "the network (32: 56x56, 48-64: 28x28, 96-128: 14x14, 192+: 7x7); expand ratio 4", "",
           "## Design rules on this machine", "", markdown_table(res.rules),
           "## Fused vs unfused (groups 2) per kernel and width", "", markdown_table(res.preferred),
-          "## All measurements", "", markdown_table(res.records), "![MACpS by block](blocks.png)", ""]
+          "## All measurements", "", markdown_table(res.records),
+          "![MACpS by block](blocks.png)" if files["png"] else NO_PLOT + ".", ""]
     files["md"] = atomic_write_text(out_dir / "blocks.md", "\n".join(md))
-    return {k: str(v) for k, v in files.items()}
+    return {k: str(v) for k, v in files.items() if v is not None}

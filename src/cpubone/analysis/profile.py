@@ -380,7 +380,7 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
 
 
 def _write(res: ProfileResult, out_dir: Path) -> Dict[str, str]:
-    from .report import markdown_table, plot_profile, write_csv, write_json
+    from .report import NO_PLOT, markdown_table, optional_plot, plot_profile, write_csv, write_json
 
     # ONNX Runtime fp32 (the default) keeps the plain name; other runs are named by engine and precision
     run = "" if (res.engine, res.precision) == ("onnxruntime", "fp32") else f"_{res.engine}" + (
@@ -391,10 +391,10 @@ def _write(res: ProfileResult, out_dir: Path) -> Dict[str, str]:
                          + [dict(table="op", **o) for o in res.ops] + [dict(table="kernel", **k) for k in res.kernels],
                          out_dir / f"{stem}.csv"),
         "json": write_json(res.to_dict(), out_dir / f"{stem}.json"),
-        "png": plot_profile(res.kinds, out_dir / f"{stem}.png",
-                            f"{res.model}: {res.engine} {res.precision}, {res.threads} thread(s), "
-                            f"{res.size}x{res.size}; "
-                            f"{res.machine_header.split(' (')[0]}", res.peak_gmacps),
+        "png": optional_plot(plot_profile, res.kinds, out_dir / f"{stem}.png",
+                             f"{res.model}: {res.engine} {res.precision}, {res.threads} thread(s), "
+                             f"{res.size}x{res.size}; "
+                             f"{res.machine_header.split(' (')[0]}", res.peak_gmacps),
     }
     md = [f"# cpubone profile {res.model}", "", f"- machine: {res.machine_header}",
           f"- engine {res.engine} {res.precision}, {res.threads} thread(s), batch 1, {res.size}x{res.size}",
@@ -405,6 +405,7 @@ def _write(res: ProfileResult, out_dir: Path) -> Dict[str, str]:
           "## By block kind", "", markdown_table(res.kinds), "## By op type", "", markdown_table(res.ops),
           *(["## By kernel (op type x the kernel the runtime picked)", "", markdown_table(res.kernels)]
             if res.kernels else []),
-          "## By block", "", markdown_table(res.blocks), f"![by block kind]({stem}.png)", ""]
+          "## By block", "", markdown_table(res.blocks),
+          f"![by block kind]({stem}.png)" if files["png"] else NO_PLOT + ".", ""]
     files["md"] = atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
-    return {k: str(v) for k, v in files.items()}
+    return {k: str(v) for k, v in files.items() if v is not None}

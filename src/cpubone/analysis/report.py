@@ -10,7 +10,7 @@ from ..outputs import atomic_write, atomic_write_text
 
 __all__ = [
     "write_csv", "write_json", "markdown_table", "pareto_front", "plot_pareto", "unplotted_models", "write_bench_report",
-    "plot_profile", "plot_blocks",
+    "plot_profile", "plot_blocks", "optional_plot", "PlotUnavailable", "NO_PLOT",
 ]
 
 
@@ -70,8 +70,26 @@ def pareto_front(points: Iterable[Tuple[float, float]]) -> List[Tuple[float, flo
     return front
 
 
+class PlotUnavailable(ImportError):
+    """matplotlib is not installed: the figures are measured and written, the plot is left out."""
+
+
+NO_PLOT = "no plot: matplotlib is not installed (pip install 'cpubone[bench]')"
+
+
+def optional_plot(plot: Any, *args: Any, **kwargs: Any) -> Optional[Path]:
+    """``plot(*args, **kwargs)``, or None without matplotlib (a missing plot must not lose the figures)."""
+    try:
+        return plot(*args, **kwargs)
+    except PlotUnavailable:
+        return None
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise PlotUnavailable(NO_PLOT) from e
 
     matplotlib.use("Agg")  # files only, works without a display
     import matplotlib.pyplot as plt
@@ -158,8 +176,10 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
         "csv": write_csv(rows + [dict(model=name, error=reason) for name, reason in getattr(result, "failed", {}).items()],
                          out_dir / "bench.csv"),
         "json": write_json(result.to_dict(), out_dir / "bench.json"),
-        "png": plot_pareto(rows, out_dir / "bench.png", title),
     }
+    png = optional_plot(plot_pareto, rows, out_dir / "bench.png", title)
+    if png is not None:
+        files["png"] = png
     sources = sorted({(r["model"], r["top1_source"]) for r in rows if r["top1_source"]})
     missing = unplotted_models(rows)
     failed = [f"- {name}: {reason}" for name, reason in getattr(result, "failed", {}).items()]
@@ -180,7 +200,7 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
         *[f"- {name}: {src}" for name, src in sources], "",
         *([f"Not in the plot (no published top-1): {', '.join(missing)}.", ""] if missing else []),
         *(["Not measured (failed):", "", *failed, ""] if failed else []),
-        "![top-1 vs latency](bench.png)", "",
+        "![top-1 vs latency](bench.png)" if png is not None else NO_PLOT + ".", "",
         *([f"Not run: {s}" for s in getattr(result, "skipped", [])] + [""] if getattr(result, "skipped", []) else []),
     ]
     files["md"] = out_dir / "bench.md"

@@ -94,8 +94,16 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     if missing:
         print(f"not in bench.png (no published top-1): {', '.join(missing)}")
-    print("written: " + ", ".join(res.files.values()))
+    _written(res.files)
     return 1 if res.failed else 0
+
+
+def _written(files) -> None:
+    from ..analysis.report import NO_PLOT
+
+    print("written: " + ", ".join(files.values()))
+    if not any(str(f).endswith(".png") for f in files.values()):
+        print(NO_PLOT)
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -122,7 +130,7 @@ def _profile(args: argparse.Namespace) -> int:
     if late_error is not None:
         print(f"cpubone profile: error: {late_error}", file=sys.stderr)
         return 2
-    print("written: " + ", ".join(res.files.values()))
+    _written(res.files)
     return 0
 
 
@@ -144,5 +152,5 @@ def _blocks(args: argparse.Namespace) -> int:
     if late_error is not None:
         print(f"cpubone blocks: error: {late_error}", file=sys.stderr)
         return 2
-    print("written: " + ", ".join(res.files.values()))
+    _written(res.files)
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _count(text: str) -> int:
@@ -119,6 +120,7 @@ def _search(args: argparse.Namespace) -> int:
 
     from ..analysis.report import write_json
     from ..design.lut import load_lut
+    from ..analysis.report import NO_PLOT, optional_plot
     from ..design.search import SearchSpace, plot_search, search
     from ..models import save_config
     from ._render import print_json, print_table
@@ -136,7 +138,11 @@ def _search(args: argparse.Namespace) -> int:
         files["config"] = str(save_config(res.best.config, output))
     files["json"] = str(write_json(res.to_dict(), out_dir / "search.json"))
     title = f"cpubone design search: {lut.describe()}"
-    files["png"] = str(plot_search(res, out_dir / "search.png", title))
+    png = optional_plot(plot_search, res, out_dir / "search.png", title)
+    if png is not None:
+        files["png"] = str(png)
+    else:
+        print(NO_PLOT, file=sys.stderr)
     if args.json:
         print_json(dict(res.to_dict(), files=files))
         return 0 if res.best else 1
