@@ -62,20 +62,13 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def ort_profile(path: Path, runs: int = 20) -> Dict[str, float]:
-    """ms per run by ONNX Runtime op type (its own profiler)."""
-    with tempfile.TemporaryDirectory() as tmp:  # the trace never lands in the current directory
-        sess = ort_session(path, threads=1, enable_profiling=True, profile_prefix=os.path.join(tmp, "trace"))
-        x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
-        try:
-            for _ in range(runs):
-                sess.run(None, {"input": x})
-        finally:
-            prof = sess.end_profiling()
-        events = json.loads(Path(prof).read_text())
+    """ms per run by ONNX Runtime op type (its own profiler, through the engine layer)."""
+    from cpubone.engines import get_engine, load_artifact
+
+    nodes = get_engine("onnxruntime").profile_nodes(load_artifact(path, threads=1), runs=runs)
     agg: Dict[str, float] = collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            agg[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    for n in nodes:
+        agg[n.op] += n.ms
     return dict(sorted(agg.items(), key=lambda kv: -kv[1]))
 
 
