@@ -78,13 +78,13 @@ def test_xnnpack_form_computes_the_inference_form(nano, size):
     XNNPACK's ops, compute the same logits and features (odd sizes: padded and cropped as before)."""
     from timm.layers import GroupNorm1
 
-    from cpubone.engines.xnnpack_form import (GroupNorm1AsMeans, LowtentionTransposedOut, PooledHeadAsConvs,
+    from cpubone.engines.xnnpack_form import (GroupNormAsMeans, LowtentionTransposedOut, PooledHeadAsConvs,
                                               xnnpack_form)
 
     form = nano[1]
     xnn = xnnpack_form(form)
     kinds = {type(m) for m in xnn.modules()}
-    assert {GroupNorm1AsMeans, LowtentionTransposedOut, PooledHeadAsConvs} <= kinds
+    assert {GroupNormAsMeans, LowtentionTransposedOut, PooledHeadAsConvs} <= kinds
     assert not any(isinstance(m, torch.nn.GroupNorm) for m in xnn.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in form.modules())  # the form itself is untouched
     x = torch.randn(2, 3, *size)
@@ -94,10 +94,11 @@ def test_xnnpack_form_computes_the_inference_form(nano, size):
         pre_ref, pre = form.forward_head(feats, pre_logits=True), xnn.forward_head(feats, pre_logits=True)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     np.testing.assert_allclose(pre, pre_ref, rtol=0, atol=1e-4 * pre_ref.abs().max().item())
-    norm = GroupNorm1(24, eps=1e-5)
-    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
-    y = torch.randn(1, 24, 5, 3) * 3 + 1
-    np.testing.assert_allclose(xnnpack_form(norm)(y).detach(), norm(y).detach(), atol=1e-5)
+    y = torch.randn(2, 24, 5, 3) * 3 + torch.arange(24.0)[:, None, None]  # groups with different statistics
+    for norm in (GroupNorm1(24, eps=1e-5), torch.nn.GroupNorm(4, 24), torch.nn.GroupNorm(24, 24, affine=False)):
+        if norm.weight is not None:
+            torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+        np.testing.assert_allclose(xnnpack_form(norm)(y).detach(), norm(y).detach(), atol=1e-5)
 
 
 def test_wrong_input_shape_and_bad_precision(fp32_runners):
