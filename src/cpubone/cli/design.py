@@ -118,9 +118,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..analysis.report import write_json
+    from ..analysis.report import NO_PLOT, optional_plot, write_json
     from ..design.lut import load_lut
-    from ..analysis.report import NO_PLOT, optional_plot
     from ..design.search import SearchSpace, plot_search, search
     from ..models import save_config
     from ._render import print_json, print_table

@@ -30,7 +30,7 @@ __all__ = ["xnnpack_form", "GroupNormAsMeans", "LowtentionTransposedOut", "Poole
 
 
 def xnnpack_form(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with the modules above swapped; everything else is shared as it is."""
+    """A copy of ``model`` with the modules above swapped (the model itself is left untouched)."""
 
     def swap(module: nn.Module) -> nn.Module:
         if isinstance(module, nn.GroupNorm):
