@@ -101,6 +101,44 @@ def test_xnnpack_form_computes_the_inference_form(nano, size):
         np.testing.assert_allclose(xnnpack_form(norm)(y).detach(), norm(y).detach(), atol=1e-5)
 
 
+def test_xnnpack_form_regroups_the_densified_convs(nano):
+    """The inference form makes thin grouped convs dense for ONNX Runtime (nano's first downsample: 12 -> 48,
+    two groups of 6); for XNNPACK they become grouped again -- every grouped conv of the training form is
+    grouped -- and a conv that is dense for real stays dense."""
+    from cpubone.engines.xnnpack_form import block_diagonal_groups, regroup_conv, regroup_convs, xnnpack_form
+    from cpubone.models.layers import densify_groups
+
+    def grouped(model):
+        return sorted((m.in_channels, m.out_channels, m.groups) for m in model.modules()
+                      if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels)
+
+    train, form = nano
+    assert (12, 48, 2) in grouped(train) and (12, 48, 2) not in grouped(form)  # densified in the form
+    for rewritten in (xnnpack_form(form), regroup_convs(form)):
+        assert grouped(rewritten) == grouped(train)
+    assert (12, 48, 2) not in grouped(form)  # copies: the form itself is untouched
+
+    torch.manual_seed(0)
+    for groups, cin, cout, k in ((2, 12, 48, 3), (4, 16, 8, 1), (3, 6, 9, 2)):
+        conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups)
+        dense = densify_groups(conv)
+        assert block_diagonal_groups(dense) == groups
+        back = regroup_conv(dense)
+        assert back.groups == groups
+        x = torch.randn(1, cin, 9, 7)
+        with torch.no_grad():
+            np.testing.assert_allclose(back(x), conv(x), rtol=0, atol=1e-6)
+    real = torch.nn.Conv2d(12, 48, 3)
+    assert regroup_conv(real) is real
+    one_off = densify_groups(torch.nn.Conv2d(12, 48, 3, groups=2))
+    with torch.no_grad():
+        one_off.weight[0, 11, 0, 0] = 1e-3  # one weight outside the blocks: not grouped
+    assert regroup_conv(one_off) is one_off
+    zero = torch.nn.Conv2d(8, 8, 1)
+    torch.nn.init.zeros_(zero.weight)
+    assert regroup_conv(zero).groups == 4  # at least two input channels per group, never channel by channel
+
+
 def test_wrong_input_shape_and_bad_precision(fp32_runners):
     runner = fp32_runners("onnxruntime")
     with pytest.raises(EngineError, match=r"input of shape \(1, 3, 32, 32\), prepared for \(N, 3, 64, 64\)"):

@@ -42,12 +42,16 @@ def export_tflite(model: nn.Module, path: Union[str, os.PathLike], input_size: T
                   name: Optional[str] = None) -> Path:
     """Convert ``model`` (eval, batch 1, float32, fixed size) to a .tflite file with litert-torch.
 
-    The converter's progress lines and logs are silenced; a model it cannot convert raises ``ExportError``
-    naming ``name`` (default: its architecture) and the converter's reason in one line.
+    Dense convs with block-diagonal weights (the inference form's densified thin grouped convs) are
+    converted as the grouped convs they are: LiteRT's XNNPACK runs those at full speed. The converter's
+    progress lines and logs are silenced; a model it cannot convert raises ``ExportError`` naming ``name``
+    (default: its architecture) and the converter's reason in one line.
     """
+    from ..engines.xnnpack_form import regroup_convs
+
     litert_torch = _require("litert_torch")
     name = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-    model.eval()
+    model = regroup_convs(model.eval())
     x = torch.randn(1, getattr(model, "in_chans", 3), *input_size)
 
     def write(tmp: Path) -> None:

@@ -14,6 +14,10 @@ Each rewrite computes the same function (fp32 rounding aside):
   exact as well but made B0 slower than leaving the upsample to the portable kernel.)
 * The classifier head's Linear + LayerNorm on the pooled vector: a 1x1 conv and the GroupNorm above on
   the 1 x 1 map, pooled with ``keepdim`` (XNNPACK's mean keeps the reduced dims only).
+* A dense conv whose weights are block-diagonal -- the inference form makes thin grouped convs dense for
+  ONNX Runtime's kernels (``densify_below``) -- back into the grouped conv it computes. XNNPACK runs
+  grouped convs at full speed, so the densified one only doubles the work (B0's first downsample: ExecuTorch
+  0.96x -> 0.92x of ONNX Runtime fp32, LiteRT alike; OpenVINO and ncnn were indifferent).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import torch.nn as nn
 from ..models.cpubone import ClassifierHead
 from ..models.layers import LowtentionInference
 
-__all__ = ["xnnpack_form", "GroupNormAsMeans", "LowtentionTransposedOut", "PooledHeadAsConvs"]
+__all__ = ["xnnpack_form", "GroupNormAsMeans", "LowtentionTransposedOut", "PooledHeadAsConvs", "regroup_conv",
+           "regroup_convs"]
 
 
 def xnnpack_form(model: nn.Module) -> nn.Module:
@@ -39,11 +44,61 @@ def xnnpack_form(model: nn.Module) -> nn.Module:
             return LowtentionTransposedOut(module)
         if isinstance(module, ClassifierHead) and module.global_pool == "avg":
             return PooledHeadAsConvs(module)
+        if type(module) is nn.Conv2d:
+            return regroup_conv(module)
         for name, child in module.named_children():
             setattr(module, name, swap(child))
         return module
 
     return swap(copy.deepcopy(model)).eval()
+
+
+def regroup_convs(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with only the block-diagonal dense convs made grouped again (LiteRT's export:
+    its CPU path is XNNPACK as well, and its converter lowers the other ops itself)."""
+
+    def swap(module: nn.Module) -> nn.Module:
+        if type(module) is nn.Conv2d:
+            return regroup_conv(module)
+        for name, child in module.named_children():
+            setattr(module, name, swap(child))
+        return module
+
+    return swap(copy.deepcopy(model)).eval()
+
+
+def block_diagonal_groups(conv: nn.Conv2d) -> int:
+    """The most groups whose blocks hold every non-zero weight of the dense ``conv`` (1: none).
+
+    Only splits that leave at least two input channels per group count: an all-zero conv is not
+    rewritten into a channel-by-channel one.
+    """
+    if conv.groups != 1 or conv.transposed:
+        return 1
+    cin, cout = conv.in_channels, conv.out_channels
+    w = conv.weight.detach()
+    common = [g for g in range(2, min(cin, cout) + 1) if cin % g == 0 and cout % g == 0 and cin // g >= 2]
+    for g in reversed(common):
+        block = (torch.arange(cout)[:, None] // (cout // g)) == (torch.arange(cin)[None, :] // (cin // g))
+        if not w[~block].any():
+            return g
+    return 1
+
+
+def regroup_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` as a grouped conv when its weights are block-diagonal (exactly the same function), else itself."""
+    g = block_diagonal_groups(conv)
+    if g == 1:
+        return conv
+    out_g, in_g = conv.out_channels // g, conv.in_channels // g
+    grouped = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, g, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        for i in range(g):
+            grouped.weight[i * out_g:(i + 1) * out_g] = conv.weight[i * out_g:(i + 1) * out_g, i * in_g:(i + 1) * in_g]
+        if conv.bias is not None:
+            grouped.bias.copy_(conv.bias)
+    return grouped
 
 
 class GroupNormAsMeans(nn.Module):
