@@ -16,13 +16,14 @@ Each rewrite computes the same function (fp32 rounding aside):
   the 1 x 1 map, pooled with ``keepdim`` (XNNPACK's mean keeps the reduced dims only).
 * A dense conv whose weights are block-diagonal -- the inference form makes thin grouped convs dense for
   ONNX Runtime's kernels (``densify_below``) -- back into the grouped conv it computes. XNNPACK runs
-  grouped convs at full speed, so the densified one only doubles the work (B0's first downsample: ExecuTorch
-  0.96x -> 0.92x of ONNX Runtime fp32, LiteRT alike; OpenVINO and ncnn were indifferent).
+  grouped convs at full speed, so the densified one only doubles the work (B0's first downsample alone:
+  0.48 ms grouped vs 0.70 ms dense; whole B0 in ExecuTorch 0.93x -> 0.91x of ONNX Runtime fp32 in
+  ``benchmarks/fp32_pieces.py``). LiteRT's export uses this one alone (``regroup_convs``).
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ __all__ = ["xnnpack_form", "GroupNormAsMeans", "LowtentionTransposedOut", "Poole
 def xnnpack_form(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with the modules above swapped (the model itself is left untouched)."""
 
-    def swap(module: nn.Module) -> nn.Module:
+    def rule(module: nn.Module) -> Optional[nn.Module]:
         if isinstance(module, nn.GroupNorm):
             return GroupNormAsMeans(module.num_channels, module.eps, module.weight, module.bias, module.num_groups)
         if isinstance(module, LowtentionInference) and module.stride > 1:
@@ -46,20 +47,25 @@ def xnnpack_form(model: nn.Module) -> nn.Module:
             return PooledHeadAsConvs(module)
         if type(module) is nn.Conv2d:
             return regroup_conv(module)
-        for name, child in module.named_children():
-            setattr(module, name, swap(child))
-        return module
+        return None
 
-    return swap(copy.deepcopy(model)).eval()
+    return _rewritten(model, rule)
 
 
 def regroup_convs(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with only the block-diagonal dense convs made grouped again (LiteRT's export:
     its CPU path is XNNPACK as well, and its converter lowers the other ops itself)."""
+    return _rewritten(model, lambda m: regroup_conv(m) if type(m) is nn.Conv2d else None)
+
+
+def _rewritten(model: nn.Module, rule: Callable[[nn.Module], Optional[nn.Module]]) -> nn.Module:
+    """A copy of ``model`` with each module for which ``rule`` returns a replacement replaced (outermost first:
+    a replaced module's children are not visited)."""
 
     def swap(module: nn.Module) -> nn.Module:
-        if type(module) is nn.Conv2d:
-            return regroup_conv(module)
+        new = rule(module)
+        if new is not None:
+            return new
         for name, child in module.named_children():
             setattr(module, name, swap(child))
         return module
