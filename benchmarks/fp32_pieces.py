@@ -10,8 +10,8 @@
 2. **Piece by piece.** The stem, each downsample, each block and the head of the inference form, each
    prepared alone at its own input shape in ONNX Runtime (``torch.onnx.export``) and ExecuTorch, timed in
    the same interleaved rounds, with MACs (of the grouped form: densified MACs multiply zeros) and GMAC/s;
-   then the whole network. Pieces alone keep their
-   weights in cache; the whole network does not when its weights exceed the last-level cache.
+   then the whole network. Pieces alone keep their weights in cache; the whole network does not when its
+   weights exceed the last-level cache.
 
 All timings: batch 1, one thread, the project's interleaved harness, the machine named in the first line.
 """
