@@ -29,23 +29,22 @@ from typing import Callable, Dict, List
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from cpubone import create_model, load_checkpoint  # noqa: E402
 from cpubone.analysis.latency import measure_eager, measure_onnx, ort_session  # noqa: E402
-from cpubone.analysis.macs import count_macs  # noqa: E402
+from cpubone.models.macs import count_macs  # noqa: E402
 from cpubone.deploy.onednn import onednn_available, to_onednn  # noqa: E402
-from cpubone.deploy.onnx import export_onnx  # noqa: E402
-from cpubone.deploy.reparam import reparameterize  # noqa: E402
+from cpubone.engines.onnx_export import export_onnx  # noqa: E402
+from cpubone.models.reparam import reparameterize  # noqa: E402
 
 SHAPE = (1, 3, 224, 224)
 
 
 def machine_and_peak(runs: int):
     """(CPU name, ORT fp32 GEMM GMAC/s at one thread, how it was measured)."""
-    from cpubone.analysis.machine import gemm_peak, machine_info
+    from cpubone.engines.machine import gemm_peak, machine_info
 
     peak = gemm_peak("onnxruntime", threads=1, runs=runs)
     return machine_info().cpu, peak.gmacps, peak.method

@@ -36,7 +36,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from cpubone.analysis.machine import machine_info  # noqa: E402
+from cpubone.engines.machine import machine_info  # noqa: E402
 from cpubone.design.lut import (REFERENCES, LatencyTable, build_lut, estimate_ms, fit_overhead,  # noqa: E402
                                 model_runner, overhead_runner, time_rounds, unit_runner, unit_work)
 from cpubone.engines.onnxruntime import share_thread_pool  # noqa: E402

@@ -24,7 +24,7 @@ from cpubone.cli._render import print_table
 from cpubone.downstream.bench import machine_name
 from cpubone.downstream.datasets import CocoDetection, SegmentationFolder, detection_transforms, write_synthetic_ade, write_synthetic_coco
 from cpubone.downstream.detection import create_retinanet
-from cpubone.downstream.engine import (DetectionTrainConfig, SegmentationTrainConfig, evaluate_detection,
+from cpubone.downstream.api import (DetectionTrainConfig, SegmentationTrainConfig, evaluate_detection,
                                        evaluate_segmentation, predict_detection, predict_segmentation,
                                        train_detection, train_segmentation)
 from cpubone.downstream.segmentation import create_semantic_fpn

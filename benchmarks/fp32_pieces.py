@@ -32,9 +32,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cpubone.analysis.machine import machine_info  # noqa: E402
-from cpubone.analysis.macs import count_macs  # noqa: E402
-from cpubone.deploy.reparam import reparameterize  # noqa: E402
+from cpubone.engines.machine import machine_info  # noqa: E402
+from cpubone.models.macs import count_macs  # noqa: E402
+from cpubone.models.reparam import reparameterize  # noqa: E402
 from cpubone.engines import available_engines, get_engine  # noqa: E402
 from cpubone.engines.onnxruntime import ort_session  # noqa: E402
 from cpubone.engines.timing import time_interleaved  # noqa: E402

@@ -11,7 +11,7 @@ Two parts, one run:
    calibration / held-out. Reported: top-1 agreement int8 vs fp32, and accuracy of each when labels
    are known.
 
-Calibration images go through the shared eval preprocessing (``cpubone.deploy.preprocess``), as in
+Calibration images go through the shared eval preprocessing (``cpubone.preprocess``), as in
 ``cpubone export --int8 --calib DIR``.
 
     python benchmarks/int8.py [--epochs 6] [--runs 30] [--rounds 2] [--json out.json]
@@ -36,16 +36,18 @@ from PIL import Image
 
 from cpubone import create_model
 from cpubone.analysis.latency import measure_onnx, ort_session
-from cpubone.deploy.onnx import export_model, read_metadata, sample_photos
-from cpubone.deploy.preprocess import PreprocessConfig, preprocess
-from cpubone.deploy.quantize import quantize_onnx
+from cpubone.deploy.export import export_model
+from cpubone.engines.onnx_export import read_metadata
+from cpubone.engines.verify import sample_photos
+from cpubone.preprocess import PreprocessConfig, preprocess
+from cpubone.engines.onnx_quantize import quantize_onnx
 from cpubone.images import decode_image, list_images
 
 EXCLUDE_SETS = ("", "attention", "first,last", "attention,first,last")
 
 
 def cpu_name() -> str:
-    from cpubone.analysis.machine import machine_info
+    from cpubone.engines.machine import machine_info
 
     return machine_info().cpu
 

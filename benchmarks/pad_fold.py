@@ -55,9 +55,9 @@ def fold_pads(src: Path, dst: Path) -> int:
 
 def main(argv=None) -> int:
     from cpubone import create_model
-    from cpubone.deploy.onnx import export_onnx
+    from cpubone.engines.onnx_export import export_onnx
     from cpubone.analysis.latency import onnx_runner, ort_session, summarize_times, time_callable
-    from cpubone.analysis.machine import machine_info
+    from cpubone.engines.machine import machine_info
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cpubone_b0")

@@ -37,8 +37,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cpubone.analysis.machine import machine_info  # noqa: E402
-from cpubone.deploy.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from cpubone.engines.machine import machine_info  # noqa: E402
+from cpubone.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from cpubone.engines import (EngineError, available_engines, engine_class, engine_names, get_engine,  # noqa: E402
                              inference_form, parse_engines, parse_precisions)
 from cpubone.engines.timing import time_interleaved  # noqa: E402

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:
-    from cpubone.analysis.machine import machine_info
+    from cpubone.engines.machine import machine_info
 
     return machine_info().cpu
 

@@ -57,7 +57,7 @@ def write_photo_crops(root: Path, train_per_class: int = 40, val_per_class: int 
 
 
 def main() -> int:
-    from cpubone.analysis.machine import machine_info
+    from cpubone.engines.machine import machine_info
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cpubone_nano")

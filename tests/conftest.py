@@ -80,7 +80,7 @@ def digits_folder(tmp_path_factory) -> Path:
 
 
 def digits_config():
-    from cpubone.deploy.preprocess import PreprocessConfig
+    from cpubone.preprocess import PreprocessConfig
 
     return PreprocessConfig(input_size=(3, DIGITS_SIZE, DIGITS_SIZE), crop_pct=1.0)
 
@@ -89,7 +89,7 @@ def load_split(folder: Path):
     """(float32 inputs (N, 3, S, S), int labels) of an ImageFolder split, preprocessed as deployed."""
     import numpy as np
 
-    from cpubone.deploy.preprocess import preprocess
+    from cpubone.preprocess import preprocess
     from cpubone.images import list_images
 
     files = list_images(folder)

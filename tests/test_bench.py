@@ -9,10 +9,12 @@ from PIL import Image
 
 from cpubone import create_model
 from cpubone.analysis import bench
-from cpubone.analysis.latency import LatencyResult, ort_session, summarize_times, time_callable
-from cpubone.analysis.machine import isa_features, machine_info
-from cpubone.analysis.macs import count_macs, count_params
-from cpubone.analysis.report import pareto_front
+from cpubone import engines
+from cpubone.engines.onnxruntime import ort_session
+from cpubone.engines.timing import LatencyResult, summarize_times, time_callable
+from cpubone.engines.machine import isa_features, machine_info
+from cpubone.models.macs import count_macs, count_params
+from cpubone.results import pareto_front
 from cpubone.cli import main
 
 
@@ -42,7 +44,7 @@ def test_interleaved_times_are_summarized_like_one_run():
 def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("CPUBONE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert bench.cache_dir() == tmp_path / "xdg" / "cpubone"
+    assert engines.cache_dir() == tmp_path / "xdg" / "cpubone"
 
 
 def test_isa_features_from_cpuinfo():
@@ -64,7 +66,7 @@ def test_published_top1_sources():
     assert bench.published_top1("cpubone_b0.r224_in1k")[0] == 77.6
     assert bench.published_top1("timm/cpubone_nano") == (None, "")
     with pytest.raises(ValueError, match="unknown model 'timm/cpubone_b0': timm has no model 'cpubone_b0'"):
-        bench.check_args(["cpubone_nano", "timm/cpubone_b0"])
+        engines.check_run_args(["cpubone_nano", "timm/cpubone_b0"])
     # every default model has a published figure to plot
     assert all(bench.published_top1(m)[0] is not None for m in bench.DEFAULT_MODELS)
 
@@ -86,20 +88,23 @@ def test_reparameterizable_peers_in_deploy_form():
     assert deployed and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
-def test_onnx_export_cached_and_matches_pytorch():
+def test_engine_artifact_cached_and_matches_pytorch():
     model, _ = bench.build_model("cpubone_nano")
-    path = bench.onnx_export("cpubone_nano", model, 64)
-    assert path.parent.parent == bench.cache_dir()
+    runner = bench.prepare_runner("cpubone_nano", model, "onnxruntime", "fp32", 1, 64)
+    path = engines.get_engine("onnxruntime").cache_path(bench.cache_key("cpubone_nano"), (1, 3, 64, 64), "fp32")
+    assert path.is_file() and path.parent.parent == engines.cache_dir() and not runner.info.get("cached")
     mtime = path.stat().st_mtime_ns
     # a fresh build is the same seeded network, so the cached file stands for it
     again, _ = bench.build_model("cpubone_nano")
-    assert bench.onnx_export("cpubone_nano", again, 64) == path and path.stat().st_mtime_ns == mtime
-    assert bench.onnx_export("cpubone_nano", again, 96) != path
+    cached = bench.prepare_runner("cpubone_nano", again, "onnxruntime", "fp32", 1, 64)
+    assert cached.info.get("cached") and cached.artifact == path and path.stat().st_mtime_ns == mtime
+    assert bench.prepare_runner("cpubone_nano", again, "onnxruntime", "fp32", 1, 96).artifact != path
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = again(x).numpy()
     out = ort_session(path).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(cached(x.numpy()), ref, rtol=1e-3, atol=1e-4)
 
 
 def test_bench_rows_and_reports(tmp_path):
@@ -217,13 +222,13 @@ def test_unplotted_models_named_on_the_plot(tmp_path, monkeypatch):
     from cpubone.analysis import report
 
     texts = []
-    real_save = report._save
+    real_save = report.save_figure
 
     def spy(plt, fig, path, rect=None):
         texts.extend(t.get_text() for t in fig.texts)
         return real_save(plt, fig, path, rect)
 
-    monkeypatch.setattr(report, "_save", spy)
+    monkeypatch.setattr(report, "save_figure", spy)
     rows = [dict(model="a", family="peer", median_ms=2.0, p10_ms=1.9, p90_ms=2.1, top1=70.0),
             dict(model="resnet18", family="peer", median_ms=3.0, p10_ms=2.9, p90_ms=3.1, top1=None)]
     report.plot_pareto(rows, tmp_path / "p.png", "t")

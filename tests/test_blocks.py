@@ -8,7 +8,7 @@ from PIL import Image
 
 from cpubone.analysis.blocks import (BlockSpec, block_specs, design_rules, make_block, run_block_sweep,
                                      spatial_size)
-from cpubone.analysis.macs import count_macs
+from cpubone.models.macs import count_macs
 from cpubone.cli import main
 from cpubone.models.layers import FusedMBConv, MBConv
 

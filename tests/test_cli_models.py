@@ -1,7 +1,7 @@
 """``cpubone list`` and ``cpubone info``: thin commands over the library, clear errors."""
 import json
 
-from cpubone.analysis.macs import count_macs
+from cpubone.models.macs import count_macs
 from cpubone.cli import main
 from cpubone.models import VARIANTS, create_model
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cpubone import VARIANTS, create_model
-from cpubone.deploy.reparam import reparameterize
+from cpubone.models.reparam import reparameterize
 
 from conftest import trained_like
 

@@ -11,13 +11,14 @@ import torch
 import torch.nn as nn
 
 from cpubone import VARIANTS, create_model, load_checkpoint
-from cpubone.analysis.latency import ort_session
+from cpubone.engines.onnxruntime import ort_session
 from cpubone.cli import main
-from cpubone.deploy import reparam
-from cpubone.deploy.onnx import ExportVerificationError, export_model, read_metadata, verify_onnx
-from cpubone.deploy.preprocess import PreprocessConfig
-from cpubone.deploy.quantize import quantize_onnx
-from cpubone.deploy.reparam import is_reparameterized, reparameterize
+from cpubone.models import reparam
+from cpubone.deploy.export import ExportVerificationError, export_model, verify_onnx
+from cpubone.engines.onnx_export import read_metadata
+from cpubone.preprocess import PreprocessConfig
+from cpubone.engines.onnx_quantize import quantize_onnx
+from cpubone.models.reparam import is_reparameterized, reparameterize
 
 from conftest import trained_like
 
@@ -124,7 +125,9 @@ def test_verification_fails_loudly(nano_onnx, tmp_path, monkeypatch, capsys):
         f.head.fc.bias.data += 1.0
         return f
 
-    monkeypatch.setattr(reparam, "reparameterize", broken)
+    from cpubone.deploy import export as deploy_export
+
+    monkeypatch.setattr(deploy_export, "reparameterize", broken)
     out = tmp_path / "bad.onnx"
     rc = main(["export", "cpubone_nano", "--size", "32", "32", "-o", str(out)])
     err = capsys.readouterr().err
@@ -182,7 +185,7 @@ def test_export_cli_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("opset", [7, 13, 21, 99])
 def test_export_opset_outside_the_supported_range(opset, tmp_path, capsys, monkeypatch):
-    from cpubone.deploy import onnx as deploy_onnx
+    from cpubone.deploy import export as deploy_onnx
 
     monkeypatch.setattr(deploy_onnx, "model_metadata", _not_reached)  # refused before any work
     assert main(["export", "cpubone_nano", "--opset", str(opset), "-o", str(tmp_path / "a.onnx")]) == 2
@@ -207,7 +210,7 @@ def test_export_failure_is_one_line(tmp_path, capfd):
 
 
 def test_export_checks_the_destination_first(tmp_path, capsys, monkeypatch):
-    from cpubone.deploy import onnx as deploy_onnx
+    from cpubone.deploy import export as deploy_onnx
 
     monkeypatch.setattr(deploy_onnx, "model_metadata", _not_reached)
     (tmp_path / "file").write_text("x")

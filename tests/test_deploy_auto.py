@@ -5,11 +5,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from cpubone.deploy.auto import Candidate, deploy_model, judge, labelled_images, pick_fastest
-from cpubone.engines import ENGINES, Engine, Runner, engine_class, register_engine
+from cpubone.engines import ENGINES, Engine, Runner, register_engine
 from cpubone.engines.timing import summarize_times
 from cpubone.engines.verify import Agreement, torch_reference
 
@@ -125,7 +124,7 @@ def test_deploy_real_engines_then_predict_without_torch(trained_nano, digits_fol
             f"sys.exit(main(['predict', {res.artifact!r}, {str(image)!r}, '--topk', '1']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    from cpubone.deploy.preprocess import preprocess
+    from cpubone.preprocess import preprocess
     from conftest import digits_config
 
     expected = int(torch_reference(model)(preprocess(image, digits_config())[None]).argmax())

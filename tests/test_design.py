@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cpubone.analysis.macs import count_macs, count_params
+from cpubone.models.macs import count_macs, count_params
 from cpubone.cli import main
 from cpubone.design import lut as lut_mod
 from cpubone.design.lut import LatencyTable, LutError, build_lut, fit_overhead, load_lut, unit_work
@@ -79,6 +79,31 @@ def test_lut_on_a_tiny_space_resumes(tmp_path, monkeypatch):
     # the table predicts the tiny design it covers
     cfg = dict(widths=[8, 16, 32, 48, 64], depths=[0, 1, 2, 1, 1], head_widths=[32, 40])
     assert predict(cfg, load_lut(path), SIZE).latency_ms > 0
+
+
+@pytest.mark.parametrize("engine,precision", [("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8"),
+                                              ("executorch", "fp32"), ("executorch", "int8"), ("ncnn", "fp32")])
+def test_lut_in_every_engine_and_precision(tmp_path, engine, precision):
+    """A table for a tiny space in each installed engine x precision: the units run through the engine's own
+    export (and quantizer), the table records engine and precision, and predict reads them."""
+    from cpubone.engines import engine_class
+
+    if not engine_class(engine).available():
+        pytest.skip(f"{engine} is not installed")
+    units = space_units(TINY, SIZE)[:2]
+    path = tmp_path / f"{engine}-{precision}.json"
+    table = build_lut(units, path, engine=engine, precision=precision, runs=2, warmup=1, progress=False)
+    raw = json.loads(path.read_text())
+    assert (raw["engine"], raw["precision"]) == (engine, precision)
+    assert set(raw["entries"]) == {u.key for u in units} and all(e["ms"] >= 0 for e in raw["entries"].values())
+    assert f"{engine} {precision}" in load_lut(path).describe() == table.describe()
+    # a table of one engine x precision is refused for another, in one line naming both
+    other = "fp32" if precision == "int8" else "int8"
+    with pytest.raises(LutError, match=rf"measured with {engine} {precision}, not {engine} {other}"):
+        lut_mod.check_table_for(load_lut(path), engine, other)
+    lut_mod.check_table_for(load_lut(path), engine, precision)
+    with pytest.raises(LutError, match=f"{engine} {precision} at 1 thread"):  # no mixing into one file
+        build_lut(units, path, engine=engine, precision=precision, threads=2, runs=1, warmup=0, progress=False)
 
 
 def test_lut_refuses_a_mismatched_table(tmp_path):
@@ -205,6 +230,14 @@ def test_cli_predict_search_config(tmp_path, capsys, small_table):
     assert out["latency_ms"] == pytest.approx(predict(str(design), small_table, SIZE).latency_ms)
     assert main(["design", "predict", str(design), "--lut", str(tmp_path / "none.json")]) == 2
     assert "no such latency table" in capsys.readouterr().err
+    # predict and search read the table's engine and precision: one of another runtime is refused in one line
+    assert main(["design", "predict", str(design), "--lut", str(lut_path), "--engine", "onnxruntime",
+                 "--precision", "fp32"]) == 0
+    assert "onnxruntime fp32" in capsys.readouterr().out
+    for flags in (["--precision", "int8"], ["--engine", "executorch"]):
+        assert main(["design", "search", "--budget-ms", "1", "--lut", str(lut_path), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "measured with onnxruntime fp32, not " in err[0] and "device.json" in err[0]
 
 
 def test_cli_search_writes_the_winner(tmp_path, capsys, small_table):
@@ -219,6 +252,8 @@ def test_cli_search_writes_the_winner(tmp_path, capsys, small_table):
                  "--name", "robot", "--max-params", "20M"]) == 0
     text = capsys.readouterr().out
     assert "winner robot" in text and "paper" in text and "released" in text
+    # the budget is said to be for the table's runtime, with the deploy command that runs it
+    assert "in onnxruntime fp32 at 1 thread(s)" in text and "--engine onnxruntime --precision fp32" in text
     cfg = load_config(out / "design.json")
     assert cfg["name"] == "robot" and cfg["input_size"] == [64, 64]
     assert predict(str(out / "design.json"), small_table).latency_ms <= 1.0
@@ -239,6 +274,14 @@ def test_fit_overhead_through_two_references():
     assert fixed == 0.01 and 0.8 <= scale <= 1.5
 
 
+class _FakeRunner:
+    def __init__(self, fn=lambda: None):
+        self.fn = fn
+
+    def timer(self):
+        return self.fn
+
+
 def test_time_rounds_interleaves_and_warms_up_every_round_above_one_thread(monkeypatch):
     """Runners alternate round by round (load hits them alike). At one thread later rounds warm up with one
     call; at more, with at least three (a thread pool switched in needs them to reach its steady state), and
@@ -249,8 +292,8 @@ def test_time_rounds_interleaves_and_warms_up_every_round_above_one_thread(monke
     monkeypatch.setattr(timing.time, "sleep", lambda s: sleeps.append(s))
     for threads, expected in ((1, list("ab") + list("aabb")), (2, list("ab") + list("aaaabbbb"))):
         calls, sleeps[:] = [], []
-        runners = {k: (lambda k=k: calls.append(k)) for k in "ab"}
-        times = lut_mod.time_rounds(runners, "onnxruntime", threads, rounds=2, runs=1, warmup=0)
+        runners = {k: _FakeRunner(lambda k=k: calls.append(k)) for k in "ab"}
+        times = lut_mod.time_rounds(runners, threads, rounds=2, runs=1, warmup=0)
         assert calls == expected and all(len(v) == 2 for v in times.values())
         assert sleeps == ([] if threads == 1 else [timing.SETTLE_S] * 4)
 
@@ -267,10 +310,10 @@ def test_lut_above_one_thread_keeps_each_units_fastest_pass(tmp_path, monkeypatc
     fastest pass (minus the call overhead)."""
     units = space_units(TINY, SIZE)[:3]
     built, passes = [], {}
-    monkeypatch.setattr(lut_mod, "unit_runner", lambda u, *a: built.append(u.key) or (lambda: None))
-    monkeypatch.setattr(lut_mod, "overhead_runner", lambda *a: (lambda: None))
+    monkeypatch.setattr(lut_mod, "unit_runner", lambda u, *a: built.append(u.key) or _FakeRunner())
+    monkeypatch.setattr(lut_mod, "overhead_runner", lambda *a: _FakeRunner())
 
-    def measure(fn, engine, threads, runs, warmup, clock, rounds=1):
+    def measure(fn, threads, runs, warmup, clock, rounds=1):
         if fn not in passes:
             passes[fn] = []
         passes[fn].append(None)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cpubone.analysis.macs import count_macs, count_params
+from cpubone.models.macs import count_macs, count_params
 from cpubone.cli import main
 from cpubone.models import (VARIANTS, ConfigError, CPUBoneBlock, FusedMBConv, MBConv, create_model, load_config,
                             save_config, save_pretrained, variant_config)

@@ -15,7 +15,7 @@ from cpubone.cli import main
 from cpubone.downstream.datasets import (AnnotationError, CocoDetection, detection_transforms, synthetic_scene,
                                          write_synthetic_coco)
 from cpubone.downstream.detection import RetinaNetRaw, create_retinanet, retinanet_anchor_generator
-from cpubone.downstream.engine import DetectionTrainConfig, evaluate_detection, train_detection
+from cpubone.downstream.api import DetectionTrainConfig, evaluate_detection, train_detection
 from cpubone.downstream.metrics import coco_detection_metrics
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from cpubone.cli import main
 from cpubone.downstream.datasets import AnnotationError, CocoDetection, SegmentationFolder, write_synthetic_ade, \
     write_synthetic_coco
-from cpubone.downstream.engine import load_downstream_model
+from cpubone.downstream.api import load_downstream_model
 from cpubone.downstream.metrics import ConfusionMatrix
 from cpubone.models.checkpoints import CheckpointError
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cpubone.downstream.datasets import write_synthetic_ade, write_synthetic_coco
-from cpubone.downstream.engine import (DetectionTrainConfig, SegmentationTrainConfig, train_detection,
+from cpubone.downstream.api import (DetectionTrainConfig, SegmentationTrainConfig, train_detection,
                                        train_segmentation)
 from cpubone.downstream import tasks as tasks_mod
 from cpubone.train import TrainingDiverged, load_training_state

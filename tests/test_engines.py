@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cpubone.deploy.preprocess import PreprocessConfig
-from cpubone.engines import (ENGINES, EngineError, MissingExtraError, available_engines, engine_class,
+from cpubone.preprocess import PreprocessConfig
+from cpubone.engines import (ENGINES, EngineError, MissingExtraError, engine_class,
                              engine_for_file, get_engine, inference_form, load_artifact, parse_engines,
                              parse_precisions)
 from cpubone.engines.verify import EngineVerificationError, agreement, torch_reference, verification_inputs, verify_fp32

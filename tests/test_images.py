@@ -169,11 +169,11 @@ def _coco(root: Path, files: dict, sizes: dict) -> Path:
 def test_every_path_sees_the_same_pixels(tmp_path):
     """Training/eval input, predictor preprocessing, int8 calibration, export verification photos, detection
     and segmentation datasets and detect/segment predict all read each odd image identically."""
-    from cpubone.deploy.onnx import photo_inputs
-    from cpubone.deploy.preprocess import PreprocessConfig, preprocess
-    from cpubone.deploy.quantize import _ImageReader
+    from cpubone.engines.verify import photo_inputs
+    from cpubone.preprocess import PreprocessConfig, preprocess
+    from cpubone.engines.onnx_quantize import _ImageReader
     from cpubone.downstream.datasets import CocoDetection, SegmentationFolder
-    from cpubone.downstream.engine import _read_image
+    from cpubone.downstream.api import _read_image
     from cpubone.train.data import SafeImageFolder
 
     files = _odd_images(tmp_path / "train" / "odd")  # an ImageFolder class folder
@@ -235,8 +235,8 @@ def test_annotation_size_is_checked_in_the_upright_frame(tmp_path):
 
 
 def test_unreadable_images_are_skipped_and_counted_by_every_dataset(tmp_path):
-    from cpubone.deploy.preprocess import PreprocessConfig
-    from cpubone.deploy.quantize import _ImageReader
+    from cpubone.preprocess import PreprocessConfig
+    from cpubone.engines.onnx_quantize import _ImageReader
     from cpubone.downstream.datasets import AnnotationError, CocoDetection, SegmentationFolder, collate_skip
 
     img_dir, ann_dir = tmp_path / "images" / "training", tmp_path / "annotations" / "training"

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import cpubone
-from cpubone.analysis.macs import count_macs, count_params
+from cpubone.models.macs import count_macs, count_params
 from cpubone.models import VARIANTS, FusedMBConv, GrFuMBConv, GrMBConv, Lowtention, MBConv, CPUBoneBlock
 from cpubone.models import ResolvedName, is_cpubone, resolve_model_name
 from cpubone.models.layers import ConvNormAct, lowtention_heads

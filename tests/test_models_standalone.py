@@ -43,7 +43,7 @@ def test_models_package_imports_nothing_else_from_cpubone():
 
 def test_ast_scan_catches_a_lazy_import(tmp_path):
     module = tmp_path / "m.py"
-    module.write_text("def fuse(self):\n    from ..deploy.reparam import reparameterize\n    import cpubone.deploy\n")
+    module.write_text("def fuse(self):\n    from ..models.reparam import reparameterize\n    import cpubone.deploy\n")
     assert len(_outside_imports(module)) == 2
 
 

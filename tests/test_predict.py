@@ -15,9 +15,9 @@ from skimage import data
 
 from cpubone import create_model
 from cpubone.cli import main
-from cpubone.deploy.onnx import export_model
+from cpubone.deploy.export import export_model
 from cpubone.deploy.predictor import Predictor
-from cpubone.deploy.preprocess import PreprocessConfig, preprocess
+from cpubone.preprocess import PreprocessConfig, preprocess
 
 torch.set_num_threads(1)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -191,7 +191,7 @@ def test_class_names_travel_with_the_weights(tmp_path, capsys):
     onnx_path = tmp_path / "nano3.onnx"
     # at the model's own input size, the one the PyTorch path below preprocesses to
     assert main(["export", "cpubone_nano", "--checkpoint", str(tmp_path / "best_model"), "-o", str(onnx_path)]) == 0
-    from cpubone.deploy.onnx import read_metadata
+    from cpubone.engines.onnx_export import read_metadata
 
     assert json.loads(read_metadata(onnx_path)["cpubone.labels"]) == names
     photo = tmp_path / "chelsea.png"
@@ -213,7 +213,7 @@ def test_class_names_travel_with_the_weights(tmp_path, capsys):
 def test_fine_tuned_timm_model_keeps_its_class_names(tmp_path, capsys):
     """The same for a timm model: its saved class count and names come back for predict and export."""
     import cpubone
-    from cpubone.deploy.onnx import read_metadata
+    from cpubone.engines.onnx_export import read_metadata
 
     model = create_model("test_efficientnet", num_classes=3)
     model.pretrained_cfg["label_names"] = ["a", "b", "c"]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cpubone import create_model
-from cpubone.analysis.macs import count_macs
+from cpubone.models.macs import count_macs
 from cpubone.analysis.profile import _charge, block_units, module_of_node, profile_model, profiling_engines
 from cpubone.cli import main
 from cpubone.engines import NodeTime, engine_class

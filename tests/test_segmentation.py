@@ -14,7 +14,7 @@ from PIL import Image
 from cpubone.cli import main
 from cpubone.downstream.datasets import (AnnotationError, SegmentationFolder, segmentation_transforms,
                                          synthetic_scene, write_synthetic_ade)
-from cpubone.downstream.engine import SegmentationTrainConfig, evaluate_segmentation, train_segmentation
+from cpubone.downstream.api import SegmentationTrainConfig, evaluate_segmentation, train_segmentation
 from cpubone.downstream.metrics import ConfusionMatrix
 from cpubone.downstream.segmentation import create_semantic_fpn
 
@@ -151,8 +151,8 @@ def test_semantic_fpn_any_size(backbone):
 
 
 def test_semantic_fpn_onnx_matches_eager(tmp_path):
-    from cpubone.analysis.latency import ort_session
-    from cpubone.deploy.onnx import export_onnx
+    from cpubone.engines.onnxruntime import ort_session
+    from cpubone.engines.onnx_export import export_onnx
 
     model = create_semantic_fpn("cpubone_nano", num_classes=5, fpn_channels=32, channels=32).eval()
     path = export_onnx(model, tmp_path / "seg.onnx", input_size=(64, 64))

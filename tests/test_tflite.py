@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cpubone.cli import main
-from cpubone.deploy.onnx import ExportVerificationError
-from cpubone.deploy.preprocess import PreprocessConfig, preprocess
+from cpubone.deploy.export import ExportVerificationError
+from cpubone.preprocess import PreprocessConfig, preprocess
 from cpubone.engines import ExportError, load_artifact
 from cpubone.models import create_model
 
@@ -29,7 +29,7 @@ converter = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A trained-like cpubone_nano exported at 64x64 once: (model, report, path)."""
-    from cpubone.deploy.tflite import export_tflite_model
+    from cpubone.deploy.export import export_tflite_model
 
     torch.manual_seed(0)
     model = trained_like(create_model("cpubone_nano"))
@@ -85,7 +85,7 @@ def test_a_file_that_disagrees_is_not_left_under_the_name(exported, tmp_path, mo
 
 @converter
 def test_conversion_failure_is_one_line(tmp_path, capfd):
-    from cpubone.deploy.tflite import export_tflite
+    from cpubone.engines.litert_export import export_tflite
 
     class DataDependent(torch.nn.Module):  # torch.export cannot trace a branch on a tensor's value
         def forward(self, x):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cpubone.train.data import write_digits_imagefolder
-from cpubone.train.engine import load_training_state
+from cpubone.train.loop import load_training_state
 
 from conftest import ISOLATED, subset_imagefolder
 

@@ -8,7 +8,7 @@ import torch
 from cpubone import create_model
 from cpubone.cli.train import add_train_arguments, config_from_args
 from cpubone.train.classification import TrainConfig, _freeze_backbone
-from cpubone.train.engine import amp_dtype as _amp_dtype
+from cpubone.train.loop import amp_dtype as _amp_dtype
 from cpubone.train.recipes import Recipe, get_recipe
 
 

@@ -1,4 +1,4 @@
 """Measurement tools: MACs, latency, MACpS, block sweeps."""
-from .macs import count_macs, count_params, MacReport
+from ..models.macs import MacReport, count_macs, count_params
 
 __all__ = ["count_macs", "count_params", "MacReport"]

@@ -8,26 +8,45 @@ fp32 GEMM peak measured in the same engine at the same thread count.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..engines import ExportError, engine_class, get_engine, inference_form, parse_engines, parse_precisions
+from ..engines import (
+    EngineError,
+    ExportError,
+    check_run_args,
+    engine_class,
+    get_engine,
+    inference_form,
+)
+from ..engines.base import Runner
+from ..engines.eager import torch_threads
+from ..engines.machine import (
+    GEMM_ENGINES,
+    GEMM_N,
+    GemmPeak,
+    MachineInfo,
+    gemm_runner,
+    machine_info,
+    usable_threads,
+)
+from ..engines.timing import LatencyResult, time_interleaved
 from ..models import VARIANTS, create_model, resolve_model_name
+from ..models.macs import count_macs, count_params
 from ..outputs import OutputPathError, ResultsNotWritten, check_output_dir
-from .latency import LatencyResult, check_timing_args, eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
-from .machine import GEMM_N, GemmPeak, MachineInfo, gemm_runner, machine_info, usable_threads
-from .macs import count_macs, count_params
+from ..progress import StepProgress
 
 __all__ = [
-    "DEFAULT_MODELS", "PEER_TOP1", "ENGINES", "BenchRow", "BenchResult", "published_top1", "cache_dir",
-    "build_model", "onnx_export", "check_args", "run_bench",
+    "DEFAULT_MODELS", "PEER_TOP1", "BenchRow", "BenchResult", "published_top1", "cache_key", "prepare_runner",
+    "build_model", "run_bench",
 ]
 
 DEFAULT_MODELS: Tuple[str, ...] = (
@@ -35,8 +54,6 @@ DEFAULT_MODELS: Tuple[str, ...] = (
     "mobilenetv3_large_100", "mobilenetv4_conv_small", "mobilenetv4_conv_medium", "fasternet_t0",
     "efficientvit_b1", "repvit_m1_1", "lowformer_b0",
 )
-# engines the default bench runs without any extra; every engine of cpubone.engines can be named
-ENGINES = ("onnxruntime", "eager")
 
 # Published ImageNet-1k top-1 (%, 224x224) of the peers, from their papers. CPUBone's own values
 # live in the variant table (cpubone.models.VARIANTS[...].top1, the authors' release).
@@ -64,37 +81,6 @@ def published_top1(name: str) -> Tuple[Optional[float], str]:
     return PEER_TOP1.get(resolved.name.split(".")[0], (None, ""))
 
 
-def cache_dir() -> Path:
-    """User cache for ONNX exports: $CPUBONE_CACHE_DIR, else $XDG_CACHE_HOME/cpubone, else ~/.cache/cpubone."""
-    if os.environ.get("CPUBONE_CACHE_DIR"):
-        return Path(os.environ["CPUBONE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cpubone"
-
-
-def check_args(models: Sequence[str], engine: Union[str, Sequence[str]] = "onnxruntime", threads: int = 1,
-               size: int = 224, runs: int = 50, warmup: int = 10,
-               precision: Union[str, Sequence[str]] = "fp32") -> Tuple[List[str], List[str]]:
-    """Reject bad input before any work starts, naming the problem; returns (engines, precisions).
-
-    Every engine must be installed and every precision run by at least one of them.
-    """
-    engines, precisions = parse_engines(engine), parse_precisions(precision)
-    for e in engines:
-        engine_class(e).require()
-    for p in precisions:
-        if not any(p in engine_class(e).precisions for e in engines):
-            raise ValueError(f"precision {p!r}: none of the engines {', '.join(engines)} runs it")
-    check_timing_args(threads, runs, warmup)
-    if size < 32:
-        raise ValueError(f"size={size}: input side must be at least 32 pixels (the networks downsample by 32)")
-    if not models:
-        raise ValueError("no models given")
-    for name in models:
-        resolve_model_name(name)  # unknown names fail here, before any measuring
-    return engines, precisions
-
-
 def build_model(name: str, seed: int = 0) -> Tuple[nn.Module, bool]:
     """``name`` with seeded random weights, in deploy form; returns (model, whether it was reparameterized).
 
@@ -110,33 +96,25 @@ def build_model(name: str, seed: int = 0) -> Tuple[nn.Module, bool]:
     return form, form is not model
 
 
-def _export_key(name: str, size: int) -> str:
-    import onnx
-    import timm
-
-    from .. import __version__
-
+def cache_key(name: str) -> str:
+    """What identifies the network ``build_model(name)`` gives (seeded weights, deploy form), for the engines'
+    artifact cache (``Engine.prepare(cache_key=...)``, which adds the shape, precision and library versions)."""
     resolved = resolve_model_name(name)
-    form = "inference-form|" if _ours(name) else ""
+    key = f"{name}|inference-form" if _ours(name) else name
     if resolved.source == "config":  # the file's content, not its name, says which network it is
-        form += json.dumps(resolved.config, sort_keys=True) + "|"
-    key = f"{name}|{form}{size}|torch {torch.__version__}|timm {timm.__version__}|onnx {onnx.__version__}|cpubone {__version__}"
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    return f"{safe}_{size}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.onnx"
+        key += "|" + json.dumps(resolved.config, sort_keys=True)
+    return key
 
 
-def onnx_export(name: str, model: nn.Module, size: int) -> Path:
-    """The cached ONNX export of ``model`` (built by ``build_model(name)``) at ``size`` x ``size``.
-
-    The cache key holds the model name, size and torch / timm / onnx / cpubone versions, so a library
-    upgrade re-exports; the seeded weights make the cached file the same network ``build_model`` gives.
-    """
-    from ..engines.onnxruntime import export_onnx
-
-    path = cache_dir() / "onnx" / _export_key(name, size)
-    if not path.exists():
-        export_onnx(model, path, input_size=(size, size), metadata={"cpubone_bench_model": name}, name=name)
-    return path
+def prepare_runner(name: str, model: nn.Module, engine: str, precision: str, threads: int, size: int,
+                   calib: Optional[List[np.ndarray]] = None) -> Runner:
+    """``model`` (from ``build_model(name)``) prepared in ``engine`` x ``precision`` at ``size``, its artifact
+    cached by the engine: the one way bench and profile get a runner."""
+    shape = (1, getattr(model, "in_chans", 3), size, size)
+    if precision == "int8" and calib is None:
+        calib = _calibration(model, size)
+    return get_engine(engine).prepare(model, shape, precision, threads, calib=calib,
+                                      cache_key=cache_key(name) if precision != "int8" else None)
 
 
 @dataclass
@@ -225,7 +203,7 @@ def counted_model(name: str, built: nn.Module) -> nn.Module:
     return create_model(name).eval() if _ours(name) else built
 
 
-def _calibration(model: nn.Module, size: int, n: int = 8) -> List["np.ndarray"]:
+def _calibration(model: nn.Module, size: int, n: int = 8) -> List[np.ndarray]:
     """int8 calibration samples for a timing run (random weights: the ranges only need to be plausible)."""
     from timm.data import resolve_data_config
 
@@ -241,30 +219,23 @@ def _prepare(name: str, engines: Sequence[str], precisions: Sequence[str], threa
     model, deployed = build_model(name)
     counted = counted_model(name, model)
     macs, params = count_macs(counted, size).total, count_params(counted)
-    shape = (1, getattr(model, "in_chans", 3), size, size)
     calib = None
     entries = []
     for engine in engines:
         for precision in precisions:
             if precision not in engine_class(engine).precisions:
                 continue
-            keep = None
-            if engine == "onnxruntime" and precision == "fp32":
-                fn = onnx_runner(onnx_export(name, model, size), shape, threads)
-            elif engine == "eager" and precision == "fp32":
-                fn = eager_runner(model, shape, channels_last)
-            else:
-                if precision == "int8" and calib is None:
-                    calib = _calibration(model, size)
-                from ..engines import EngineError
-
-                try:
-                    keep = get_engine(engine).prepare(model, shape, precision, threads, calib=calib)
-                except EngineError as e:  # e.g. bf16 on a CPU without bf16 instructions
-                    skipped.append(f"{name} {engine} {precision}: {e}")
-                    continue
-                fn = keep.timer()
-            entries.append(_Entry(name, params, macs, deployed, fn, engine, precision, keep=keep))
+            if precision == "int8" and calib is None:
+                calib = _calibration(model, size)
+            form = model.to(memory_format=torch.channels_last) if channels_last and engine == "eager" else model
+            try:
+                runner = prepare_runner(name, form, engine, precision, threads, size, calib)
+            except ExportError:
+                raise  # run_bench names the model the exporter cannot convert and goes on with the others
+            except EngineError as e:  # e.g. bf16 on a CPU without bf16 instructions
+                skipped.append(f"{name} {engine} {precision}: {e}")
+                continue
+            entries.append(_Entry(name, params, macs, deployed, runner.timer(), engine, precision, keep=runner))
     return entries
 
 
@@ -308,7 +279,7 @@ def run_bench(
     Raises ``ResultsNotWritten`` (holding the result) if the report files cannot be written at the end.
     """
     models = list(models) or list(DEFAULT_MODELS)
-    engines, precisions = check_args(models, engine, threads, size, runs, warmup, precision)
+    engines, precisions = check_run_args(models, engine, threads, size, runs, warmup, precision)
     if channels_last and "eager" not in engines:
         raise ValueError("channels_last applies to the eager engine only (the other runtimes pick their own layout)")
     if rounds < 1:
@@ -317,12 +288,11 @@ def run_bench(
     if out_dir is not None:
         check_output_dir(out_dir, need_bytes=2 ** 20)  # before the measuring, not after it
     rounds = min(rounds, runs)
-    chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
     entries: List[_Entry] = []
     failed: Dict[str, str] = {}
     skipped: List[str] = []
     # the GEMM peak in the first engine that has one (ONNX Runtime's MatMul or torch.matmul)
-    peak_engine = next((e for e in engines if e in ENGINES), "onnxruntime")
+    peak_engine = next((e for e in engines if e in GEMM_ENGINES), "onnxruntime")
     with StepProgress(progress, len(models) + rounds) as step:
         peak_fn, peak_method = gemm_runner(peak_engine, threads, GEMM_N)
         peak = _Entry("GEMM peak", 0, GEMM_N ** 3, False, peak_fn)
@@ -332,21 +302,19 @@ def run_bench(
                 entries.extend(_prepare(name, engines, precisions, threads, size, channels_last, skipped))
             except ExportError as e:  # one model the exporter cannot convert does not stop the others
                 failed[name] = str(e)
-        with torch_threads(threads), torch.inference_mode():
-            for r, chunk in enumerate(chunks):
-                step(f"timing round {r + 1}/{rounds}")
-                for e in [peak] + entries:
-                    time_callable(e.fn, chunk, warmup if r == 0 else min(warmup, 2), threads, e.engine, times=e.times)
+        calls = {"GEMM peak": peak.fn, **{f"{i}": e.fn for i, e in enumerate(entries)}}
+        with torch_threads(threads), torch.inference_mode():  # the eager GEMM peak runs on torch's pool
+            lat_of = time_interleaved(calls, runs, warmup, rounds, threads, step=step)
         step(None)
     label = ",".join(engines) + ("-cl" if channels_last else "")
-    peak_lat = summarize_times(peak.times, warmup, threads, peak_engine)
+    peak_lat = dataclasses.replace(lat_of["GEMM peak"], engine=peak_engine)
     gemm = GemmPeak(engine=peak_engine, method=peak_method, threads=threads, gmacps=peak_lat.macps(peak.macs),
                     latency=peak_lat)
     rows = []
     first: Dict[str, float] = {}
-    for e in entries:
+    for i, e in enumerate(entries):
         eng = e.engine + ("-cl" if channels_last and e.engine == "eager" else "")
-        lat = summarize_times(e.times, warmup, threads, eng)
+        lat = dataclasses.replace(lat_of[f"{i}"], engine=eng)
         gmacps = lat.macps(e.macs)
         first.setdefault(e.name, lat.median_ms)
         top1, source = published_top1(e.name)
@@ -366,37 +334,3 @@ def run_bench(
         except OutputPathError as e:
             raise ResultsNotWritten(f"benchmark measured but not written: {e}", result) from None
     return result
-
-
-class StepProgress:
-    """A rich progress bar over named steps (nothing when disabled or when there is nothing to do).
-
-    ``with StepProgress(enabled, total) as step: step("label")`` marks the previous step done and shows the
-    next one; ``step(None)`` closes the last. Shared by bench, blocks and the design latency table.
-    """
-
-    def __init__(self, enabled: bool, total: int, width: int = 28) -> None:
-        self.enabled, self.total, self.width = enabled and total > 0, total, width
-        self.bar, self.started = None, False
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn(f"{{task.description:<{self.width}}}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), transient=False)
-            self.bar.__enter__()
-            self.task = self.bar.add_task("", total=self.total)
-        return self.step
-
-    def step(self, label: Optional[str]) -> None:
-        if self.bar is None:
-            return
-        if self.started:
-            self.bar.advance(self.task)
-        self.started = True
-        self.bar.update(self.task, description=(label or "done")[:self.width])
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)

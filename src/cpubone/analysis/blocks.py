@@ -15,19 +15,27 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..engines import engine_class, get_engine
+from ..engines.base import Runner
+from ..engines.eager import torch_threads
+from ..engines.machine import machine_info, usable_threads
+from ..engines.timing import check_timing_args, time_interleaved
 from ..models.layers import ConvNormAct, FusedMBConv, MBConv
-from ..outputs import OutputPathError, ResultsNotWritten, atomic_write_text, check_output_dir
-from .latency import eager_runner, onnx_runner, summarize_times, time_callable, torch_threads
-from .machine import machine_info, usable_threads
-from .macs import count_macs, count_params
+from ..models.macs import count_macs, count_params
+from ..outputs import (
+    OutputPathError,
+    ResultsNotWritten,
+    atomic_write_text,
+    check_output_dir,
+)
+from ..progress import StepProgress
 
 __all__ = [
     "DEFAULT_WIDTHS", "QUICK_WIDTHS", "BlockSpec", "BlockSweepResult", "spatial_size", "block_specs", "make_block",
@@ -107,24 +115,14 @@ def make_block(spec: BlockSpec) -> nn.Module:
     raise ValueError(f"family={spec.family!r}: expected 'fused', 'unfused' or 'dw'")
 
 
-def prepare_block(spec: BlockSpec, engine: str = "onnxruntime", threads: int = 1) -> Tuple[int, int, Callable[[], object]]:
-    """MACs, params and a zero-argument batch-1 call of one block in ``engine`` (eager: call it under
-    ``torch_threads`` and ``torch.inference_mode``)."""
+def prepare_block(spec: BlockSpec, engine: str = "onnxruntime", threads: int = 1) -> Tuple[int, int, Runner]:
+    """MACs, params and a batch-1 runner of one block in ``engine`` (fp32)."""
     torch.manual_seed(0)
     block = make_block(spec).eval()
-    block.in_chans = spec.width  # export_onnx traces a (1, in_chans, H, W) input
+    block.in_chans = spec.width  # the exporters trace a (1, in_chans, H, W) input
     shape = (1, spec.width, spec.resolution, spec.resolution)
     macs = count_macs(block, shape).total
-    if engine == "onnxruntime":
-        from ..engines.onnxruntime import export_onnx
-
-        with tempfile.TemporaryDirectory() as tmp:  # the session holds the graph once built
-            fn = onnx_runner(export_onnx(block, Path(tmp) / "block.onnx", input_size=shape[2:]), shape, threads)
-    elif engine == "eager":
-        fn = eager_runner(block, shape)
-    else:
-        raise ValueError(f"engine={engine!r}: expected 'onnxruntime' or 'eager'")
-    return macs, count_params(block), fn
+    return macs, count_params(block), get_engine(engine).prepare(block, shape, "fp32", threads)
 
 
 def _paper_range(lo: int, hi: int) -> str:
@@ -252,16 +250,10 @@ def run_block_sweep(
         kernels / groups: kernel sizes and expansion-conv groups to sweep.
         rounds: all blocks are timed in this many interleaved rounds.
     """
-    from .bench import StepProgress
-
     widths = list(widths or (QUICK_WIDTHS if quick else DEFAULT_WIDTHS))
     groups = list(groups or ((1, 2) if quick else GROUPS))
-    if engine not in ("onnxruntime", "eager"):
-        raise ValueError(f"engine={engine!r}: expected 'onnxruntime' or 'eager'")
-    if threads < 1:
-        raise ValueError(f"threads={threads}: need at least 1 thread")
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"runs={runs}, warmup={warmup}: need runs >= 1 and warmup >= 0")
+    engine_class(engine).require()
+    check_timing_args(threads, runs, warmup)
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: need at least 1 round")
     bad = [w for w in widths if w < 8 or w % 8]
@@ -274,24 +266,19 @@ def run_block_sweep(
     if out_dir is not None:
         check_output_dir(out_dir, need_bytes=2 ** 20)  # before the measuring, not after it
     specs = block_specs(widths, kernels, groups)
-    rounds = min(rounds, runs)
-    chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
     prepared = []
-    times: List[List[float]] = [[] for _ in specs]
     with StepProgress(progress, len(specs) + rounds) as step:
         for s in specs:
             step(f"prepare {s.variant} w{s.width} k{s.kernel}")
             prepared.append(prepare_block(s, engine, threads))
         # interleaved rounds: load from elsewhere on the machine hits every block alike
         with torch_threads(threads), torch.inference_mode():
-            for r, chunk in enumerate(chunks):
-                step(f"timing round {r + 1}/{rounds}")
-                for (_, _, fn), t in zip(prepared, times):
-                    time_callable(fn, chunk, warmup if r == 0 else min(warmup, 2), threads, engine, times=t)
+            lats = time_interleaved({str(i): r.timer() for i, (_, _, r) in enumerate(prepared)}, runs, warmup,
+                                    min(rounds, runs), threads, step=step)
         step(None)
     records = []
-    for s, (macs, params, _), t in zip(specs, prepared, times):
-        lat = summarize_times(t, warmup, threads, engine)
+    for i, (s, (macs, params, _)) in enumerate(zip(specs, prepared)):
+        lat = lats[str(i)]
         records.append(dict(variant=s.variant, family=s.family, width=s.width, resolution=s.resolution,
                             kernel=s.kernel, groups=s.groups, macs=macs, params=params, median_ms=lat.median_ms,
                             p10_ms=lat.p10_ms, p90_ms=lat.p90_ms, gmacps=lat.macps(macs)))
@@ -307,7 +294,14 @@ def run_block_sweep(
 
 
 def _write(res: BlockSweepResult, out_dir: Path) -> Dict[str, str]:
-    from .report import NO_PLOT, markdown_table, optional_plot, plot_blocks, write_csv, write_json
+    from .report import (
+        NO_PLOT,
+        markdown_table,
+        optional_plot,
+        plot_blocks,
+        write_csv,
+        write_json,
+    )
 
     files = {
         "csv": write_csv(res.records, out_dir / "blocks.csv"),

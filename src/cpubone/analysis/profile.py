@@ -30,12 +30,25 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..engines import ENGINES, NodeTime, engine_class, get_engine, parse_engines
-from ..outputs import OutputPathError, ResultsNotWritten, atomic_write_text, check_output_dir
-from .bench import _calibration, build_model, check_args, counted_model, onnx_export
-from .latency import measure_eager, time_callable, torch_threads
-from .machine import gemm_peak, machine_info, usable_threads
-from .macs import MacReport, count_macs
+from ..engines import (
+    ENGINES,
+    NodeTime,
+    check_run_args,
+    engine_class,
+    get_engine,
+    parse_engines,
+)
+from ..engines.eager import measure_eager, torch_threads
+from ..engines.machine import GEMM_ENGINES, gemm_peak, machine_info, usable_threads
+from ..engines.timing import time_callable
+from ..models.macs import MacReport, count_macs
+from ..outputs import (
+    OutputPathError,
+    ResultsNotWritten,
+    atomic_write_text,
+    check_output_dir,
+)
+from .bench import build_model, counted_model, prepare_runner
 
 __all__ = ["ProfileResult", "block_units", "module_of_node", "profile_model", "profiling_engines"]
 
@@ -287,7 +300,7 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
         out_dir: writes ``profile_<model>.{csv,json,md,png}`` there (None: nothing written).
     """
     engine, precision = _check_engine(engine, precision)
-    check_args([name], engine, threads, size, runs, warmup, precision)
+    check_run_args([name], engine, threads, size, runs, warmup, precision)
     threads = usable_threads(threads)
     if out_dir is not None:
         check_output_dir(out_dir, need_bytes=2 ** 20)  # before the measuring, not after it
@@ -300,11 +313,7 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
     kernels: List[dict] = []
     if engine != "eager":
         runtime = get_engine(engine)
-        if engine == "onnxruntime" and precision == "fp32":
-            runner = runtime.load(onnx_export(name, model, size), threads)  # the export bench times, cached
-        else:
-            calib = _calibration(model, size) if precision == "int8" else None
-            runner = runtime.prepare(model, shape, precision, threads, calib=calib)
+        runner = prepare_runner(name, model, engine, precision, threads, size)  # what bench times (cached)
         # the one latency harness on the runner as deployed, profiler off; then a profiled copy of it
         lat = time_callable(runner.timer(), runs, warmup, threads, engine)
         nodes = runtime.profile_nodes(runner, runs, warmup)
@@ -327,7 +336,7 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
             class_of["functional (no module)"] = "other"
             class_macs["other"] = report.total - class_macs["conv"] - class_macs["matmul"]
     # the fp32 GEMM peak in the engine when it has one (ONNX Runtime's MatMul, torch.matmul), as in bench
-    peak = gemm_peak(engine if engine in ("onnxruntime", "eager") else "onnxruntime", threads)
+    peak = gemm_peak(engine if engine in GEMM_ENGINES else "onnxruntime", threads)
     total_ms = sum(unit_ms.values()) or float("nan")
 
     # MACs per unit exclude the units nested inside it, like its time
@@ -380,7 +389,14 @@ def profile_model(name: str, engine: str = "onnxruntime", threads: int = 1, size
 
 
 def _write(res: ProfileResult, out_dir: Path) -> Dict[str, str]:
-    from .report import NO_PLOT, markdown_table, optional_plot, plot_profile, write_csv, write_json
+    from .report import (
+        NO_PLOT,
+        markdown_table,
+        optional_plot,
+        plot_profile,
+        write_csv,
+        write_json,
+    )
 
     # ONNX Runtime fp32 (the default) keeps the plain name; other runs are named by engine and precision
     run = "" if (res.engine, res.precision) == ("onnxruntime", "fp32") else f"_{res.engine}" + (

@@ -1,12 +1,21 @@
 """Report files of the measurement tools: CSV, JSON, Markdown and PNG plots (matplotlib, Agg backend)."""
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..outputs import atomic_write, atomic_write_text
+from ..outputs import atomic_write_text
+from ..results import (
+    NO_PLOT,
+    PlotUnavailable,
+    markdown_table,
+    optional_plot,
+    pareto_front,
+    pyplot,
+    save_figure,
+    write_csv,
+    write_json,
+)
 
 __all__ = [
     "write_csv", "write_json", "markdown_table", "pareto_front", "plot_pareto", "unplotted_models", "write_bench_report",
@@ -14,103 +23,12 @@ __all__ = [
 ]
 
 
-def write_csv(rows: Sequence[Dict[str, Any]], path: Path) -> Path:
-    """Rows (dicts with the same keys) as CSV with a header line."""
-    import io
-
-    buf = io.StringIO()
-    cols: List[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    atomic_write_text(Path(path), buf.getvalue())
-    return Path(path)
-
-
-def write_json(obj: Any, path: Path) -> Path:
-    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
-    return Path(path)
-
-
-def _fmt(v: Any, digits: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def markdown_table(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[Tuple[str, str]]] = None) -> str:
-    """A GitHub Markdown table; ``columns`` = (key, header) pairs, default all keys of the first row."""
-    if not rows:
-        return "(no rows)\n"
-    columns = list(columns or [(k, k) for k in rows[0]])
-    lines = ["| " + " | ".join(h for _, h in columns) + " |",
-             "|" + "|".join("---" if isinstance(rows[0].get(k), str) else "---:" for k, _ in columns) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def pareto_front(points: Iterable[Tuple[float, float]]) -> List[Tuple[float, float]]:
-    """Points (latency, top-1) not beaten by another that is both faster and at least as accurate."""
-    front: List[Tuple[float, float]] = []
-    best = float("-inf")
-    for lat, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if acc > best:
-            front.append((lat, acc))
-            best = acc
-    return front
-
-
-class PlotUnavailable(ImportError):
-    """matplotlib is not installed: the figures are measured and written, the plot is left out."""
-
-
-NO_PLOT = "no plot: matplotlib is not installed (pip install 'cpubone[bench]')"
-
-
-def optional_plot(plot: Any, *args: Any, **kwargs: Any) -> Optional[Path]:
-    """``plot(*args, **kwargs)``, or None without matplotlib (a missing plot must not lose the figures)."""
-    try:
-        return plot(*args, **kwargs)
-    except PlotUnavailable:
-        return None
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise PlotUnavailable(NO_PLOT) from e
-
-    matplotlib.use("Agg")  # files only, works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: Path, rect: Optional[Tuple[float, float, float, float]] = None) -> Path:
-    fig.tight_layout(rect=rect)
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    finally:
-        plt.close(fig)
-
-
 def plot_pareto(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
     """Top-1 vs measured latency (p10-p90 whiskers), CPUBone and peers, with the Pareto front.
 
     With several engines x precisions, each gets its own colour (CPUBone joined by a line, peers as
     squares); the front is over all points."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     pts = [r for r in rows if r.get("top1") is not None]
     combos = list(dict.fromkeys((r.get("engine", ""), r.get("precision", "fp32")) for r in pts))
@@ -149,7 +67,7 @@ def plot_pareto(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
     if missing:  # say who is absent rather than drop them silently
         fig.text(0.01, 0.005, "not plotted, no published top-1: " + ", ".join(missing), fontsize=7, color="gray",
                  va="bottom", wrap=True)
-    return _save(plt, fig, path, rect=(0, 0.04, 1, 1) if missing else None)
+    return save_figure(plt, fig, path, rect=(0, 0.04, 1, 1) if missing else None)
 
 
 def unplotted_models(rows: Sequence[Dict[str, Any]]) -> List[str]:
@@ -193,7 +111,7 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
         "random weights",
         f"- fp32 GEMM peak: {result.peak.gmacps:.1f} GMAC/s ({result.peak.method}, {result.peak.threads} thread(s))",
         "", markdown_table(rows, BENCH_COLUMNS),
-        "MACs: `cpubone.analysis.macs.count_macs` (multiply-adds of convs, linears and attention matmuls). "
+        "MACs: `cpubone.models.macs.count_macs` (multiply-adds of convs, linears and attention matmuls). "
         "GMAC/s = MACs / median latency. Reparameterizable models are timed in deploy form "
         "(`timm.utils.reparameterize_model`). Read the latencies as ratios between models of this run.", "",
         "Published top-1 sources:", "",
@@ -210,7 +128,7 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
 
 def plot_profile(kinds: Sequence[Dict[str, Any]], path: Path, title: str, peak_gmacps: Optional[float] = None) -> Path:
     """Two bar charts per block kind: share of the time, and achieved GMAC/s (with the GEMM peak line)."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = [k["kind"] for k in kinds]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(labels) + 1.8))
     a1.barh(labels, [k["share_pct"] for k in kinds], color="tab:orange")
@@ -226,12 +144,12 @@ def plot_profile(kinds: Sequence[Dict[str, Any]], path: Path, title: str, peak_g
     a2.set_xlabel("GMAC/s")
     a2.invert_yaxis()
     fig.suptitle(title, fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_blocks(records: Sequence[Dict[str, Any]], path: Path, title: str) -> Path:
     """MACpS vs channel width: left, each block variant (2x2 solid, 3x3 dashed); right, groups 1/2/4/8 (3x3)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {"FuMBConv": "tab:blue", "GrFuMBConv": "tab:orange", "MBConv": "tab:green", "GrMBConv": "tab:red",
               "DWConv": "tab:gray"}
@@ -256,4 +174,4 @@ def plot_blocks(records: Sequence[Dict[str, Any]], path: Path, title: str) -> Pa
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from ..models import VARIANTS, create_model, resolve_model_name
-from .macs import count_macs, count_params
+from ..models.macs import count_macs, count_params
 
 
 def variant_table(size: int = 224) -> List[Dict[str, Any]]:

@@ -46,7 +46,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "tflite":
         if args.int8 or args.dynamic:
             raise UserError("--int8 and --dynamic apply to ONNX exports only")
-        from ..deploy.tflite import export_tflite_model
+        from ..deploy.export import export_tflite_model
 
         report = export_tflite_model(args.model, args.output, checkpoint=args.checkpoint,
                                      input_size=tuple(args.size) if args.size else None, tolerance=args.tol)
@@ -54,7 +54,7 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     if args.int8 and not args.calib:
         raise UserError("--int8 needs --calib DIR (a folder of images to calibrate activation ranges on)")
-    from ..deploy.onnx import ExportVerificationError, export_model
+    from ..deploy.export import ExportVerificationError, export_model
 
     try:
         report = export_model(
@@ -93,7 +93,9 @@ def _predict(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from ..deploy.predictor import predict_files  # torch-free unless the model is PyTorch weights
+    from ..deploy.predictor import (
+        predict_files,  # torch-free unless the model is PyTorch weights
+    )
     from . import UserError
 
     if args.onnx:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def _count(text: str) -> int:
@@ -25,8 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = dsub.add_parser("lut", help="measure the latency table of the design space on this CPU (resumable)")
     q.add_argument("-o", "--output", required=True, metavar="FILE", help="the table (JSON); an existing one is extended")
-    q.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "eager"),
-                   help="runtime to measure in (default onnxruntime)")
+    q.add_argument("--engine", default="onnxruntime",
+                   help="runtime to measure in, as `cpubone deploy --engine` runs it: onnxruntime (default), "
+                        "openvino, executorch, ncnn, litert, eager, compile")
+    q.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+                   help="precision to measure, as the engine runs it (default fp32)")
+    q.add_argument("--calib", metavar="DIR",
+                   help="int8: images to calibrate the whole reference networks on (default: built-in sample photos)")
+    q.add_argument("--calib-count", type=int, default=16, metavar="N", help="int8: at most N --calib images (default 16)")
     q.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     q.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size (default 224 224)")
     q.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -43,13 +50,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = dsub.add_parser("predict", help="predicted latency, MACs, params and per-stage breakdown of a design")
     q.add_argument("config", help="config file (JSON) or released variant name")
     q.add_argument("--lut", required=True, metavar="FILE", help="latency table from `cpubone design lut`")
+    _runtime_args(q)
     q.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the config's, else 224 224)")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=_predict)
 
     q = dsub.add_parser("search", help="best accuracy proxy under a latency budget, from a latency table")
-    q.add_argument("--budget-ms", type=float, required=True, help="latency budget in ms (batch 1, the table's engine)")
+    q.add_argument("--budget-ms", type=float, required=True,
+                   help="latency budget in ms (batch 1, in the table's engine and precision)")
     q.add_argument("--lut", required=True, metavar="FILE", help="latency table from `cpubone design lut`")
+    _runtime_args(q)
     q.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size (default 224 224)")
     q.add_argument("--max-params", type=_count, metavar="N", help="parameter limit, e.g. 5M")
     q.add_argument("--samples", type=int, default=4000, help="random candidates (default 4000)")
@@ -67,6 +77,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("model", help="released variant name or config file")
     q.add_argument("-o", "--output", metavar="FILE", help="file to write (default: print)")
     q.set_defaults(func=_config)
+
+
+def _runtime_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--engine", help="the runtime you deploy with: refuse a table measured for another one")
+    q.add_argument("--precision", choices=("fp32", "bf16", "int8"),
+                   help="the precision you deploy in: refuse a table measured for another one")
+
+
+def _table(args: argparse.Namespace):
+    from ..design.lut import check_table_for, load_lut
+
+    lut = load_lut(args.lut)
+    check_table_for(lut, args.engine, args.precision)
+    return lut
 
 
 def _load(source: str):
@@ -88,23 +112,29 @@ def _lut(args: argparse.Namespace) -> int:
         units += space_units(SearchSpace.load(args.space) if args.space else SearchSpace(), size)
     for source in args.config:
         units += [u for _, u in model_units(_load(source), size)]
+    calib = None
+    if args.precision == "int8" and args.calib:
+        from ..preprocess import PreprocessConfig, calibration_samples
+
+        calib = calibration_samples(args.calib, PreprocessConfig(input_size=(3, *size)), args.calib_count)
     if args.threads > 1 and args.engine == "onnxruntime":
         from ..engines.onnxruntime import share_thread_pool
 
         share_thread_pool(args.threads)  # one pool for all the units' sessions, as inside a network
+    started = time.monotonic()
     table = build_lut(units, args.output, engine=args.engine, threads=args.threads, runs=args.runs,
-                      warmup=args.warmup, clock=args.clock, sizes=[size])
+                      warmup=args.warmup, clock=args.clock, sizes=[size], precision=args.precision, calib=calib)
     print(f"wrote {args.output}: {table.describe()}; fixed overhead at {size[0]}x{size[1]} "
-          f"{table.fixed_overhead(size):.3f} ms (per call {table.overhead_ms * 1e3:.0f} us)")
+          f"{table.fixed_overhead(size):.3f} ms (per call {table.overhead_ms * 1e3:.0f} us); "
+          f"built in {time.monotonic() - started:.0f} s")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ..design.lut import load_lut
     from ..design.predict import predict
     from ._render import print_json, print_table
 
-    pred = predict(args.config, load_lut(args.lut), size=tuple(args.size) if args.size else None)
+    pred = predict(args.config, _table(args), size=tuple(args.size) if args.size else None)
     if args.json:
         print_json(pred.to_dict())
         return 0
@@ -116,19 +146,16 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from ..analysis.report import NO_PLOT, optional_plot, write_json
-    from ..design.lut import load_lut
     from ..design.search import SearchSpace, plot_search, search
     from ..models import save_config
-    from ._render import print_json, print_table
-
     from ..outputs import check_output_dir, check_output_file
+    from ..results import NO_PLOT, optional_plot, write_json
+    from ._render import print_json, print_table
 
     out_dir = check_output_dir(args.out_dir)
     output = check_output_file(args.output if args.output else out_dir / "design.json")
-    lut = load_lut(args.lut)
+    lut = _table(args)
     space = SearchSpace.load(args.space) if args.space else None
     res = search(lut, args.budget_ms, tuple(args.size), args.max_params, space=space, samples=args.samples,
                  mutations=args.mutations, seed=args.seed, name=args.name)
@@ -146,8 +173,9 @@ def _search(args: argparse.Namespace) -> int:
         print_json(dict(res.to_dict(), files=files))
         return 0 if res.best else 1
     limit = f", at most {args.max_params:,} params" if args.max_params else ""
-    print(f"{res.evaluated} candidates at {res.size[0]}x{res.size[1]}, budget {res.budget_ms:g} ms{limit}; "
-          f"table: {lut.describe()}")
+    print(f"{res.evaluated} candidates at {res.size[0]}x{res.size[1]}, budget {res.budget_ms:g} ms{limit} "
+          f"in {lut.engine} {lut.precision} at {lut.threads} thread(s) (deploy with `cpubone deploy DESIGN.json "
+          f"--engine {lut.engine} --precision {lut.precision}`); table: {lut.describe()}")
     # the front near the budget (all of it is in search.json and the plot), with every released variant
     shown = [c for c in res.front if c.latency_ms <= 2 * res.budget_ms]
     placed = sorted([dict(c.row(), on="front") for c in shown]

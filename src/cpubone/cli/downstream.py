@@ -205,7 +205,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _train_and_print(command: str, train_fn, cfg, as_json: bool) -> int:
-    from ..train.engine import TrainingDiverged
+    from ..train.loop import TrainingDiverged
 
     try:
         result = train_fn(cfg)
@@ -236,7 +236,7 @@ def _print_metrics(metrics: Dict[str, Any], as_json: bool, title: str) -> None:
 
 
 def _detect_train(args: argparse.Namespace) -> int:
-    from ..downstream.engine import DetectionTrainConfig, train_detection
+    from ..downstream.api import DetectionTrainConfig, train_detection
 
     _check_flags(args)
     kw = _train_kwargs(args, _COMMON + ["epochs", "min_size", "max_size", "grad_clip", "head_norm"])
@@ -245,8 +245,8 @@ def _detect_train(args: argparse.Namespace) -> int:
 
 
 def _detect_eval(args: argparse.Namespace) -> int:
+    from ..downstream.api import coco_split, evaluate_detection, load_downstream_model
     from ..downstream.datasets import CocoDetection, detection_transforms
-    from ..downstream.engine import coco_split, evaluate_detection, load_downstream_model
 
     model, cfg = load_downstream_model(args.checkpoint, task="detect")
     images, ann = coco_split(args.data, args.split)
@@ -259,7 +259,7 @@ def _detect_eval(args: argparse.Namespace) -> int:
 
 
 def _detect_predict(args: argparse.Namespace) -> int:
-    from ..downstream.engine import predict_detection
+    from ..downstream.api import predict_detection
     from ._render import print_json, print_table
 
     dets = predict_detection(args.checkpoint, args.image, args.output, args.score_thresh)
@@ -319,7 +319,7 @@ def _detect_synth(args: argparse.Namespace) -> int:
 
 
 def _segment_train(args: argparse.Namespace) -> int:
-    from ..downstream.engine import SegmentationTrainConfig, train_segmentation
+    from ..downstream.api import SegmentationTrainConfig, train_segmentation
 
     _check_flags(args)
     kw = _train_kwargs(args, _COMMON + ["num_classes", "reduce_zero_label", "iters", "crop_size", "base_size",
@@ -329,8 +329,8 @@ def _segment_train(args: argparse.Namespace) -> int:
 
 
 def _segment_eval(args: argparse.Namespace) -> int:
+    from ..downstream.api import evaluate_segmentation, load_downstream_model
     from ..downstream.datasets import SegmentationFolder
-    from ..downstream.engine import evaluate_segmentation, load_downstream_model
 
     model, cfg = load_downstream_model(args.checkpoint, task="segment")
     # the model's own class names, whatever the data folder's classes.json says
@@ -342,7 +342,7 @@ def _segment_eval(args: argparse.Namespace) -> int:
 
 
 def _segment_predict(args: argparse.Namespace) -> int:
-    from ..downstream.engine import predict_segmentation
+    from ..downstream.api import predict_segmentation
     from ._render import print_json, print_table
 
     shares = predict_segmentation(args.checkpoint, args.image, args.output, args.alpha)

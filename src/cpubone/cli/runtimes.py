@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from ..analysis.machine import machine_info
     from ..deploy.auto import deploy_model
     from ..engines import parse_engines, parse_precisions
+    from ..engines.machine import machine_info
     from . import UserError
     from ._render import print_table
 

@@ -1,6 +1,6 @@
 """Deployment: inference form, ONNX export, int8, the torch-free predictor.
 
-Names are resolved lazily: ``cpubone.deploy.predictor`` and ``cpubone.deploy.preprocess`` must import
+Names are resolved lazily: ``cpubone.deploy.predictor`` and ``cpubone.preprocess`` must import
 without torch.
 """
 from __future__ import annotations
@@ -8,16 +8,11 @@ from __future__ import annotations
 from .._lazy import lazy_attributes
 
 _LAZY = {
-    "reparameterize": ".reparam",
-    "to_onednn": ".onednn",
-    "export_onnx": ".onnx",
-    "export_model": ".onnx",
-    "verify_onnx": ".onnx",
-    "quantize_onnx": ".quantize",
+    "export_model": ".export",
+    "export_tflite_model": ".export",
+    "deploy_model": ".auto",
     "Predictor": ".predictor",
     "TorchPredictor": ".predictor",
-    "PreprocessConfig": ".preprocess",
-    "preprocess": ".preprocess",
 }
 
 __all__ = list(_LAZY)

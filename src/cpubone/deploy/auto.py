@@ -25,11 +25,24 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..engines import PRECISIONS, EngineError, MissingExtraError, engine_class, engine_names, get_engine
+from ..engines import (
+    PRECISIONS,
+    MissingExtraError,
+    engine_class,
+    engine_names,
+    get_engine,
+)
 from ..engines.timing import LatencyResult, time_interleaved
-from ..engines.verify import Agreement, EngineVerificationError, agreement, torch_reference, verification_inputs, verify_fp32
+from ..engines.verify import (
+    Agreement,
+    EngineVerificationError,
+    agreement,
+    torch_reference,
+    verification_inputs,
+    verify_fp32,
+)
 from ..images import list_images
-from .preprocess import PreprocessConfig, preprocess
+from ..preprocess import PreprocessConfig, preprocess
 
 __all__ = ["Candidate", "DeployResult", "deploy_model", "pick_fastest", "labelled_images", "METADATA_FILE_SUFFIX"]
 
@@ -174,7 +187,7 @@ def deploy_model(
         machine: a line naming the machine, written into the report.
     """
     from ..models import create_model
-    from .onnx import model_metadata
+    from .export import model_metadata
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -288,9 +301,9 @@ def _write_artifact(runner, output_dir: Path, meta: Dict[str, str], chosen: Cand
     meta = dict(meta, **{"cpubone.engine": json.dumps(chosen.engine), "cpubone.precision": json.dumps(chosen.precision),
                          "cpubone.threads": json.dumps(threads), "cpubone.model": json.dumps(name)})
     if suffix == ".onnx":
-        from ..engines.onnxruntime import _add_metadata
+        from ..engines.onnx_export import add_metadata
 
-        _add_metadata(dest, meta)
+        add_metadata(dest, meta)
     Path(str(dest) + METADATA_FILE_SUFFIX).write_text(json.dumps(meta, indent=2))
     return dest
 

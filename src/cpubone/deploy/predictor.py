@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..images import IMAGE_EXTENSIONS, list_images
-from .preprocess import ImageLike, PreprocessConfig, preprocess
+from ..preprocess import ImageLike, PreprocessConfig, preprocess
 
 __all__ = ["Predictor", "TorchPredictor", "Prediction", "open_classifier", "expand_images", "predict_files"]
 
@@ -170,7 +170,7 @@ class TorchPredictor(_Classifier):
     def __init__(self, weights: PathLike, model: Optional[str] = None, threads: int = 1) -> None:
         import torch
 
-        from .onnx import load_trained, model_metadata
+        from .export import load_trained, model_metadata
 
         self.model, labels = load_trained(model, weights)
         self.model.eval()

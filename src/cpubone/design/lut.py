@@ -1,8 +1,10 @@
 """``cpubone design lut``: a latency lookup table of the design space, measured on this CPU.
 
 Every unit (``cpubone.design.units``) the search space and the released variants can use at the chosen
-input size is built from the real layers in its inference form, exported to ONNX and timed alone at
-batch 1 with the project's timing harness (ONNX Runtime with pinned threads, or eager PyTorch). An entry
+input size is built from the real layers in its inference form, prepared by an engine of
+``cpubone.engines`` (ONNX Runtime by default; OpenVINO, ExecuTorch, ncnn, LiteRT, eager; fp32, bf16 or
+int8 as that engine runs it, quantized by the engine's own quantizer as ``cpubone deploy`` quantizes) and
+timed alone at batch 1 with the project's one timing loop (``cpubone.engines.timing``). An entry
 is the unit's median time minus the runtime's per-call overhead, measured the same way on a one-op
 graph. What a whole network costs beyond the sum of its parts is measured once per input size on two
 reference networks (``REFERENCES``: CPUBone-Nano with one block per attention stage, and a B0 with more
@@ -23,7 +25,8 @@ call uses, which other processes do not inflate: on a machine shared beyond its 
 preempted many times per call while a unit of 0.1 ms rarely is, so wall-clock tables and measurements
 there disagree by the load, not by the method.
 
-The table is a portable JSON file naming the machine, engine, threads and library versions, so it can be
+The table is a portable JSON file naming the machine, engine, precision, threads and library versions, so
+it can be
 measured on the target device (a Raspberry Pi with the project installed) and searched anywhere. It is
 written after every few entries, and a later call with the same file measures only what is missing.
 """
@@ -32,22 +35,32 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
+from timm.data import resolve_data_config
 
-from .units import Unit, make_unit
+from ..engines import PRECISIONS, engine_class, get_engine, inference_form
+from ..engines.base import Runner
+from ..engines.machine import machine_info
+from ..engines.timing import check_timing_args, time_interleaved
+from ..engines.verify import photo_samples
+from ..models import create_model, load_config
+from ..models.macs import count_macs, count_params
+from ..outputs import check_output_file
+from ..progress import StepProgress
+from .units import Unit, make_unit, model_units
 
-__all__ = ["LUT_FORMAT", "ENGINES", "CLOCKS", "REFERENCES", "LatencyTable", "LutError", "build_lut", "load_lut",
-           "unit_runner", "overhead_runner", "model_runner", "time_rounds", "estimate_ms", "calibrate", "fit_overhead", "unit_work"]
+__all__ = ["LUT_FORMAT", "CLOCKS", "REFERENCES", "LatencyTable", "LutError", "build_lut", "load_lut",
+           "unit_runner", "overhead_runner", "model_runner", "time_rounds", "estimate_ms", "calibrate", "fit_overhead",
+           "unit_work", "unit_calibration", "check_table_for"]
 
 LUT_FORMAT = "cpubone-lut/1"
-ENGINES = ("onnxruntime", "eager")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # the calibration networks: a small one (the fixed overhead is not lost in its noise) and a larger one
 # (the scale); neither is a released variant, so those stay independent checks of the predictor
@@ -75,6 +88,7 @@ class LatencyTable:
     clock: str = "wall"
     fixed_ms: Dict[str, float] = field(default_factory=dict)  # per "HxW": a network's cost beyond its units
     scale: Dict[str, float] = field(default_factory=dict)  # per "HxW": whole network / sum of its units
+    precision: str = "fp32"  # as the engine runs the units (int8: quantized by the engine's quantizer)
 
     def ms(self, key: str) -> float:
         return self.entries[key]["ms"]
@@ -95,11 +109,12 @@ class LatencyTable:
 
     def describe(self) -> str:
         m = self.machine
-        return (f"{m.get('cpu', '?')} ({m.get('arch', '?')}), {self.engine}, {self.threads} thread(s), "
-                f"{self.clock} clock, {len(self.entries)} entries")
+        return (f"{m.get('cpu', '?')} ({m.get('arch', '?')}), {self.engine} {self.precision}, "
+                f"{self.threads} thread(s), {self.clock} clock, {len(self.entries)} entries")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(format=LUT_FORMAT, engine=self.engine, threads=self.threads, clock=self.clock,
+        return dict(format=LUT_FORMAT, engine=self.engine, precision=self.precision, threads=self.threads,
+                    clock=self.clock,
                     machine=self.machine, overhead_ms=self.overhead_ms, fixed_ms=self.fixed_ms, scale=self.scale,
                     runs=self.runs,
                     entries=dict(sorted(self.entries.items())))
@@ -136,97 +151,88 @@ def load_lut(path: os.PathLike) -> LatencyTable:
             Unit.from_key(k)
         except ValueError:
             raise LutError(f"{path}: entry {k!r} is not a unit key") from None
+    if raw.get("precision", "fp32") not in PRECISIONS:
+        raise LutError(f"{path}: precision {raw.get('precision')!r} is not one of {', '.join(PRECISIONS)}")
     if raw.get("clock", "wall") not in CLOCKS:
         raise LutError(f"{path}: clock {raw.get('clock')!r} is not one of {', '.join(CLOCKS)}")
     return LatencyTable(engine=raw["engine"], threads=int(raw["threads"]), machine=raw["machine"],
+                        precision=raw.get("precision", "fp32"),
                         overhead_ms=float(raw.get("overhead_ms", 0.0)), entries=entries, runs=int(raw.get("runs", 0)),
                         path=str(path), clock=raw.get("clock", "wall"),
                         fixed_ms={str(k): float(v) for k, v in (raw.get("fixed_ms") or {}).items()},
                         scale={str(k): float(v) for k, v in (raw.get("scale") or {}).items()})
 
 
-def _export(module: nn.Module, shape: Sequence[int], tmp: str, name: str) -> Path:
-    from ..deploy.onnx import export_onnx
+def unit_calibration(shape: Sequence[int], n: int = 4, seed: int = 0) -> List[np.ndarray]:
+    """int8 calibration samples for a unit alone: standard-normal maps of its input shape.
 
-    return export_onnx(module, Path(tmp) / f"{name}.onnx", input_size=tuple(shape[2:]))
+    A unit's input is a feature map inside the network, not an image; its int8 kernels and their time do not
+    depend on the calibrated ranges, only on the graph the quantizer makes, which is the one ``deploy`` makes
+    (the same engine quantizer, the same node groups). The whole networks (references, designs) are
+    calibrated on photos, as ``deploy`` calibrates them.
+    """
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(tuple(shape)).astype(np.float32) for _ in range(n)]
 
 
-def unit_runner(unit: Unit, engine: str, threads: int, tmp: str) -> Callable[[], object]:
-    """A zero-argument batch-1 call of ``unit`` in ``engine`` (eager: call it under ``torch_threads`` and
-    ``torch.inference_mode``)."""
-    from ..analysis.latency import eager_runner, onnx_runner
-
-    module = make_unit(unit)
-    if engine == "onnxruntime":
-        return onnx_runner(_export(module, unit.input_shape, tmp, "unit"), unit.input_shape, threads)
-    return eager_runner(module, unit.input_shape)
+def unit_runner(unit: Unit, engine: str, threads: int, precision: str = "fp32") -> Runner:
+    """``unit`` prepared alone at batch 1 in ``engine`` x ``precision`` (the engine's own export and quantizer)."""
+    calib = unit_calibration(unit.input_shape) if precision == "int8" else None
+    return get_engine(engine).prepare(make_unit(unit), unit.input_shape, precision, threads, calib=calib)
 
 
 class _OneOp(nn.Module):
-    """A one-op graph: what a runtime call costs when the work is negligible."""
+    """A one-op graph: what a runtime call costs when the work is negligible (64 MACs). A conv, not a bare
+    activation: ncnn crashes running a graph that holds only a ReLU."""
+
+    in_chans = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x)
+        return self.conv(x)
 
 
-def overhead_runner(engine: str, threads: int, tmp: str) -> Callable[[], object]:
-    from ..analysis.latency import eager_runner, onnx_runner
-
-    module, shape = _OneOp(), (1, 8, 1, 1)
-    module.in_chans = 8
-    if engine == "onnxruntime":
-        return onnx_runner(_export(module, shape, tmp, "overhead"), shape, threads)
-    return eager_runner(module, shape)
+def overhead_runner(engine: str, threads: int) -> Runner:
+    """The per-call cost of ``engine``: a one-op graph, fp32 (what a call costs does not depend on precision)."""
+    torch.manual_seed(0)
+    return get_engine(engine).prepare(_OneOp().eval(), (1, 8, 1, 1), "fp32", threads)
 
 
 def unit_work(unit: Unit) -> Tuple[int, int]:
     """MACs and params of a unit, counted on its training form (the work of the released model; the
     inference form may densify thin grouped convs, which runs faster but counts more)."""
-    from ..analysis.macs import count_macs, count_params
-
     module = make_unit(unit, inference_form=False)
     return count_macs(module, unit.input_shape).total, count_params(module)
 
 
-def model_runner(config: Dict[str, Any], size: Sequence[int], engine: str, threads: int, tmp: str,
-                 tag: str = "model") -> Callable[[], object]:
-    """A zero-argument batch-1 call of the whole design ``config`` in the form ``cpubone export`` deploys."""
-    from ..analysis.latency import eager_runner, onnx_runner
-    from ..deploy.reparam import reparameterize
-    from ..models import create_model
-
+def model_runner(config: Dict[str, Any], size: Sequence[int], engine: str, threads: int,
+                 precision: str = "fp32", calib: Optional[Sequence[np.ndarray]] = None) -> Runner:
+    """The whole design ``config`` at batch 1 in the form ``cpubone deploy`` deploys it (int8 calibrated on
+    ``calib``, default the built-in sample photos through the model's eval preprocessing)."""
     torch.manual_seed(0)
-    model = reparameterize(create_model(dict(config)).eval(), inplace=True)
+    model = create_model(dict(config)).eval()
     shape = (1, 3, int(size[0]), int(size[1]))
-    if engine == "onnxruntime":
-        from ..deploy.onnx import export_onnx
+    if precision == "int8" and calib is None:
+        data_cfg = resolve_data_config(model=model)
+        data_cfg["input_size"] = shape[1:]
+        calib = photo_samples(data_cfg)
+    return get_engine(engine).prepare(inference_form(model), shape, precision, threads, calib=calib)
 
-        return onnx_runner(export_onnx(model, Path(tmp) / f"{tag}.onnx", input_size=shape[2:]), shape, threads)
-    return eager_runner(model, shape)
 
+def time_rounds(runners: Dict[str, Runner], threads: int, rounds: int, runs: int, warmup: int,
+                clock: str = "wall") -> Dict[str, List[float]]:
+    """Per-call times (ms) of every runner, timed in ``rounds`` interleaved rounds of ``runs`` calls each, so
+    that a change of load on the machine hits all runners alike (summarize them with ``estimate_ms``).
 
-def time_rounds(runners: Dict[str, Callable[[], object]], engine: str, threads: int, rounds: int, runs: int,
-                warmup: int, clock: str = "wall") -> Dict[str, List[float]]:
-    """Per-call times (ms) of every runner, timed in ``rounds`` interleaved rounds of ``runs`` calls each,
-    so that a change of load on the machine hits all runners alike (summarize them with ``estimate_ms``).
-
-    At one thread the rounds after the first warm up with one call; at more, every round warms up with
-    ``warmup`` calls (at least 3): a thread pool switched in after other runtimes ran needs a few calls to
-    reach the steady state it has inside a whole network (B0's units at two threads, switched in with one
-    warm-up call each, summed to 1.3-1.6x what they take timed one after another on a 2-core AMD EPYC;
-    with three, the two ways agree within 2%, as at one thread).
+    The project's one timing loop (``time_interleaved``): at one thread the rounds after the first warm up
+    with one call; at more, every round warms up with ``warmup`` calls (at least 3; see ``time_interleaved``).
     """
-    from ..analysis.latency import time_callable, torch_threads
-
-    times: Dict[str, List[float]] = {k: [] for k in runners}
-    for r in range(rounds):
-        for key, fn in runners.items():
-            args = (fn, runs, warmup if r == 0 else (1 if threads == 1 else max(warmup, 3)), threads, engine)
-            if engine == "eager":
-                with torch_threads(threads), torch.inference_mode():
-                    time_callable(*args, times=times[key], clock=CLOCKS[clock])
-            else:
-                time_callable(*args, times=times[key], clock=CLOCKS[clock])
+    times: Dict[str, List[float]] = {}
+    time_interleaved({k: r.timer() for k, r in runners.items()}, runs * rounds, warmup, rounds, threads,
+                     later_warmup=1 if threads == 1 else warmup, clock=CLOCKS[clock], times=times)
     return times
 
 
@@ -245,9 +251,8 @@ def estimate_ms(times: Sequence[float], runs: int, threads: int) -> float:
     return min(statistics.median(times[i:i + runs]) for i in range(0, len(times) - runs + 1, runs))
 
 
-def _measure(fn: Callable[[], object], engine: str, threads: int, runs: int, warmup: int, clock: str,
-             rounds: int = 1) -> float:
-    return estimate_ms(time_rounds({"x": fn}, engine, threads, rounds, runs, warmup, clock)["x"], runs, threads)
+def _measure(runner: Runner, threads: int, runs: int, warmup: int, clock: str, rounds: int = 1) -> float:
+    return estimate_ms(time_rounds({"x": runner}, threads, rounds, runs, warmup, clock)["x"], runs, threads)
 
 
 def fit_overhead(measured: Sequence[float], sums: Sequence[float], call_ms: float) -> Tuple[float, float]:
@@ -267,25 +272,32 @@ def fit_overhead(measured: Sequence[float], sums: Sequence[float], call_ms: floa
     return fixed, scale
 
 
-def calibrate(table: LatencyTable, size: Sequence[int], tmp: str, runs: int = 10, rounds: int = 5) -> Tuple[float, float]:
+def calibrate(table: LatencyTable, size: Sequence[int], runs: int = 10, rounds: int = 5,
+              calib: Optional[Sequence[np.ndarray]] = None) -> Tuple[float, float]:
     """Measure the fixed overhead and the scale at ``size`` on ``REFERENCES`` (module doc) into ``table``."""
-    from ..models import load_config
-    from .units import model_units
-
     refs = [load_config(r) for r in REFERENCES]
     ref_units = [[u for _, u in model_units(cfg, size)] for cfg in refs]
-    runners = {"call": overhead_runner(table.engine, table.threads, tmp)}
+    runners = {"call": overhead_runner(table.engine, table.threads)}
     for cfg in refs:
-        runners["model:" + cfg["name"]] = model_runner(cfg, size, table.engine, table.threads, tmp, cfg["name"])
+        runners["model:" + cfg["name"]] = model_runner(cfg, size, table.engine, table.threads, table.precision, calib)
     for u in dict.fromkeys(u for units in ref_units for u in units):
-        runners[u.key] = unit_runner(u, table.engine, table.threads, tmp)
+        runners[u.key] = unit_runner(u, table.engine, table.threads, table.precision)
     med = {k: estimate_ms(v, runs, table.threads) for k, v in
-           time_rounds(runners, table.engine, table.threads, rounds, runs, 3, table.clock).items()}
+           time_rounds(runners, table.threads, rounds, runs, 3, table.clock).items()}
     sums = [sum(max(med[u.key] - med["call"], 0.0) for u in units) for units in ref_units]  # as entries are kept
     fixed, scale = fit_overhead([med["model:" + cfg["name"]] for cfg in refs], sums, med["call"])
     key = f"{int(size[0])}x{int(size[1])}"
     table.fixed_ms[key], table.scale[key] = round(fixed, 5), round(scale, 5)
     return fixed, scale
+
+
+def check_table_for(table: LatencyTable, engine: Optional[str] = None, precision: Optional[str] = None) -> None:
+    """Refuse a table measured for another engine or precision than the one asked for, naming both."""
+    if engine is not None and table.engine != engine or precision is not None and table.precision != precision:
+        raise LutError(f"{table.path or 'latency table'}: measured with {table.engine} {table.precision}, "
+                       f"not {engine or table.engine} {precision or table.precision}; "
+                       f"measure one with `cpubone design lut --engine {engine or table.engine} "
+                       f"--precision {precision or table.precision}`")
 
 
 def build_lut(
@@ -299,14 +311,21 @@ def build_lut(
     save_every_s: float = 10.0,
     clock: str = "wall",
     sizes: Sequence[Sequence[int]] = (),
+    precision: str = "fp32",
+    calib: Optional[Sequence[np.ndarray]] = None,
 ) -> LatencyTable:
     """Measure every unit not yet in the table at ``output`` and write the table there.
 
     Args:
         units: the units to cover (``space_units`` of a search space, ``model_units`` of a design).
-        output: the JSON table; an existing one measured with the same engine, threads and CPU is extended
-            (entries already there are reused, not measured again).
-        engine: 'onnxruntime' or 'eager'.
+        output: the JSON table; an existing one measured with the same engine, precision, threads and CPU is
+            extended (entries already there are reused, not measured again).
+        engine: any engine of ``cpubone.engines`` that is installed (onnxruntime, openvino, executorch, ncnn,
+            litert, eager, compile).
+        precision: fp32, bf16 or int8, as the engine runs it; int8 units are quantized by the engine's own
+            quantizer, as ``cpubone deploy`` quantizes a network (``unit_calibration``).
+        calib: int8 only: preprocessed (1, 3, H, W) samples to calibrate the whole reference networks on
+            (default the built-in sample photos).
         threads: intra-op threads.
         runs / warmup: timed and untimed calls per unit (the median is kept).
         progress: a progress bar on the terminal.
@@ -315,59 +334,52 @@ def build_lut(
         sizes: input sizes (H, W) whose fixed overhead and scale to measure (``calibrate``) if the table
             lacks them.
     """
-    from ..analysis.latency import check_timing_args
-    from ..analysis.bench import StepProgress
-    from ..analysis.machine import machine_info
-
-    if engine not in ENGINES:
-        raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+    engine_class(engine).require()
+    engine_class(engine).check_precision(precision)
     check_timing_args(threads, runs, warmup)
     if clock not in CLOCKS:
         raise ValueError(f"clock={clock!r}: expected one of {', '.join(CLOCKS)}")
     if clock == "cpu" and threads != 1:
         raise ValueError(f"clock='cpu' with threads={threads}: CPU time is the latency of one thread only")
-    from ..outputs import check_output_file
-
     output = check_output_file(output)  # before minutes of measuring: a folder, read-only or full disk fail now
     here = machine_info().to_dict()
     if output.is_file():
         table = load_lut(output)
-        if table.engine != engine or table.threads != threads or table.clock != clock:
-            raise LutError(f"{output}: measured with {table.engine} at {table.threads} thread(s) ({table.clock} clock), "
-                           f"not {engine} at {threads} ({clock} clock); write to another file")
+        if table.engine != engine or table.precision != precision or table.threads != threads or table.clock != clock:
+            raise LutError(f"{output}: measured with {table.engine} {table.precision} at {table.threads} thread(s) "
+                           f"({table.clock} clock), not {engine} {precision} at {threads} ({clock} clock); "
+                           "write to another file")
         if table.machine.get("cpu") != here["cpu"] or table.machine.get("arch") != here["arch"]:
             raise LutError(f"{output}: measured on {table.machine.get('cpu')!r}, this is {here['cpu']!r}; "
                            "write to another file")
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
-        table = LatencyTable(engine=engine, threads=threads, machine=here, runs=runs, clock=clock)
+        table = LatencyTable(engine=engine, threads=threads, machine=here, precision=precision, runs=runs, clock=clock)
     todo = [u for u in dict.fromkeys(units) if u.key not in table.entries]
-    calib = [tuple(int(v) for v in sz) for sz in sizes
-             if f"{int(sz[0])}x{int(sz[1])}" not in table.fixed_ms or f"{int(sz[0])}x{int(sz[1])}" not in table.scale]
+    calib_sizes = [tuple(int(v) for v in sz) for sz in sizes
+                   if f"{int(sz[0])}x{int(sz[1])}" not in table.fixed_ms or f"{int(sz[0])}x{int(sz[1])}" not in table.scale]
     passes = 1 if threads == 1 else UNIT_PASSES
-    with tempfile.TemporaryDirectory() as tmp, \
-            StepProgress(progress, passes * len(todo) + len(calib), width=44) as step:
+    with StepProgress(progress, passes * len(todo) + len(calib_sizes), width=44) as step:
         # the per-call overhead, measured beside the entries in this session
-        overhead = _measure(overhead_runner(engine, threads, tmp), engine, threads, max(runs, 50), warmup, clock,
-                            rounds=passes)
+        overhead = _measure(overhead_runner(engine, threads), threads, max(runs, 50), warmup, clock, rounds=passes)
         table.overhead_ms = overhead if not table.entries else statistics.median([table.overhead_ms, overhead])
         last = time.monotonic()
-        for sz in calib:
+        for sz in calib_sizes:
             step(f"overhead and scale at {sz[0]}x{sz[1]}")
-            calibrate(table, sz, tmp, runs=max(runs // 2, 3))
+            calibrate(table, sz, runs=max(runs // 2, 3), calib=calib)
         # At more than one thread every unit is timed in several passes over the whole list and keeps its
-        # fastest pass (``estimate_ms``): the sessions stay alive between passes, so a burst of load on the
+        # fastest pass (``estimate_ms``): the runners stay alive between passes, so a burst of load on the
         # machine hits one pass of a unit, not the unit.
-        runners: Dict[str, Callable[[], object]] = {}
+        runners: Dict[str, Runner] = {}
         best: Dict[str, float] = {}
         work: Dict[str, Tuple[int, int]] = {}
         for p in range(passes):
             for unit in todo:
                 step(unit.key if passes == 1 else f"{unit.key} (pass {p + 1}/{passes})")
-                fn = runners.get(unit.key) or unit_runner(unit, engine, threads, tmp)
+                runner = runners.get(unit.key) or unit_runner(unit, engine, threads, precision)
                 if passes > 1:
-                    runners[unit.key] = fn
-                ms = min(_measure(fn, engine, threads, runs, warmup, clock), best.get(unit.key, float("inf")))
+                    runners[unit.key] = runner
+                ms = min(_measure(runner, threads, runs, warmup, clock), best.get(unit.key, float("inf")))
                 best[unit.key] = ms
                 if p == 0:
                     work[unit.key] = unit_work(unit)

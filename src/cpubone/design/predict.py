@@ -55,8 +55,8 @@ def model_size(config: Mapping[str, Any], size: Sequence[int]) -> Tuple[int, int
     built on the meta device for params and with ``count_macs`` for MACs (1000 classes)."""
     import torch
 
-    from ..analysis.macs import count_macs, count_params
     from ..models import create_model
+    from ..models.macs import count_macs, count_params
 
     with torch.device("cpu"):
         model = create_model(dict(config)).eval()

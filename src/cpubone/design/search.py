@@ -30,10 +30,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from functools import lru_cache
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ..results import pareto_front as pareto_points
+from ..results import pyplot, save_figure
 from .lut import LatencyTable, LutError
 from .units import Unit, conv_out, model_units
 
@@ -351,12 +353,11 @@ class SearchResult:
 
 def pareto_front(cands: Iterable[Candidate]) -> List[Candidate]:
     """Candidates no other beats on both lower latency and higher proxy, by rising latency."""
-    from ..analysis.report import pareto_front as front_points
 
     by_point = {}
     for c in cands:
         by_point.setdefault((c.latency_ms, c.proxy), c)
-    return [by_point[p] for p in front_points(by_point)]
+    return [by_point[p] for p in pareto_points(by_point)]
 
 
 def design_choices(config: Mapping[str, Any]) -> List[Dict[str, Any]]:
@@ -450,9 +451,8 @@ def search(
 def plot_search(result: SearchResult, path, title: str = "") -> Any:
     """Predicted latency vs proxy top-1: every in-range candidate, the Pareto front, the released variants,
     the winner and the budget."""
-    from ..analysis.report import _pyplot, _save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     if result.points:
         xs, ys = zip(*result.points)
@@ -474,4 +474,4 @@ def plot_search(result: SearchResult, path, title: str = "") -> Any:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)

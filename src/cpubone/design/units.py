@@ -141,7 +141,7 @@ def make_unit(unit: Unit, num_classes: int = 1000, inference_form: bool = True, 
                              attn_kernel=u.kernel if u.kind == "attn" else 2,
                              mlp_ratio=u.expand if u.kind == "mlp" else 4.0)
         if inference_form:
-            from ..deploy.reparam import reparameterize_blocks
+            from ..models.reparam import reparameterize_blocks
 
             block = reparameterize_blocks(block)
         m = _AttnPart(block) if u.kind == "attn" else _MlpPart(block)
@@ -152,7 +152,7 @@ def make_unit(unit: Unit, num_classes: int = 1000, inference_form: bool = True, 
     else:
         raise ValueError(f"unit kind {u.kind!r}: expected one of {', '.join(UNIT_KINDS)}")
     if inference_form:
-        from ..deploy.reparam import reparameterize_blocks
+        from ..models.reparam import reparameterize_blocks
 
         m = reparameterize_blocks(m)
     m.in_chans = u.cin  # export_onnx traces a (1, in_chans, H, W) input

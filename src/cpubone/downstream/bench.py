@@ -1,6 +1,6 @@
 """End-to-end batch-1 CPU latency of the detection and segmentation models, CPUBone and peers in one run.
 
-All timings go through the project's latency harness (``cpubone.analysis.latency``); MACs through
+All timings go through the project's latency harness (``cpubone.engines.timing``); MACs through
 ``count_macs``. Every backbone gets the same head, FPN width and input size, so the comparison is like for like.
 ``bench_engines`` runs the networks in every CPU runtime of ``cpubone.engines`` (verified against PyTorch).
 """
@@ -13,8 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..analysis.latency import measure_eager, time_callable, torch_threads
-from ..analysis.macs import count_macs, count_params
+from ..engines import check_run_args
+from ..engines.eager import measure_eager, torch_threads
+from ..engines.machine import machine_info, usable_threads
+from ..engines.timing import time_callable, time_interleaved
+from ..models.macs import count_macs, count_params
+from ..progress import StepProgress
 from .detection import RetinaNetRaw, create_retinanet
 from .presets import DEFAULT_PEERS
 from .segmentation import create_semantic_fpn
@@ -26,7 +30,6 @@ __all__ = ["machine_name", "bench_detection", "bench_segmentation", "DEFAULT_PEE
 
 def machine_name() -> str:
     """The CPU model (and usable core count) the numbers were measured on."""
-    from ..analysis.machine import machine_info
 
     info = machine_info()
     return f"{info.cpu} ({info.usable_cpus} usable cores)"
@@ -111,7 +114,7 @@ def build_network(task: str, backbone: str, size: int, num_classes: Optional[int
     segment: the whole Semantic FPN, which normalises inside, fed images in [0, 1].
     ``channels``: the Semantic FPN head width; ``num_classes``: 80 (COCO) / 150 (ADE20K) when None.
     """
-    from ..deploy.preprocess import PreprocessConfig
+    from ..preprocess import PreprocessConfig
 
     torch.manual_seed(seed)
     if task == "detect":
@@ -132,13 +135,13 @@ def build_network(task: str, backbone: str, size: int, num_classes: Optional[int
 
 def inference_network(net: torch.nn.Module, backbone: str) -> torch.nn.Module:
     """A copy of ``net`` in the form it is deployed in: a CPUBone backbone in its inference form
-    (``cpubone.deploy.reparam.reparameterize_blocks``), a peer with its train-time branches folded
+    (``cpubone.models.reparam.reparameterize_blocks``), a peer with its train-time branches folded
     (``cpubone.engines.inference_form``, a no-op for most). The FPN and heads are plain convs either way."""
     from ..models import resolve_model_name
 
     net = copy.deepcopy(net).eval()
     if resolve_model_name(backbone).source in ("cpubone", "config"):
-        from ..deploy.reparam import reparameterize_blocks
+        from ..models.reparam import reparameterize_blocks
 
         return reparameterize_blocks(net)
     from ..engines import inference_form
@@ -183,7 +186,7 @@ class EngineSkip:
 class DownstreamEnginesResult:
     """``bench_engines``: the machine, the settings, one row per network x engine x precision timed."""
 
-    machine: Any  # cpubone.analysis.machine.MachineInfo
+    machine: Any  # cpubone.engines.machine.MachineInfo
     tasks: List[str]
     engines: List[str]
     precisions: List[str]
@@ -251,8 +254,15 @@ def _prepare_network(task: str, backbone: str, engines: Sequence[str], precision
     """Build ``backbone``'s network of ``task``, prepare it in every engine x precision and check each against
     eager PyTorch; what cannot be prepared, run or verified goes to ``skipped``."""
     from ..engines import EngineError, engine_class, get_engine
-    from ..engines.verify import (SKIMAGE_PHOTOS, check_outputs, judge_fp32, photo_samples, sample_photos,
-                                  torch_reference, verification_inputs)
+    from ..engines.verify import (
+        SKIMAGE_PHOTOS,
+        check_outputs,
+        judge_fp32,
+        photo_samples,
+        sample_photos,
+        torch_reference,
+        verification_inputs,
+    )
 
     def skip(engine: str, precision: str, status: str, reason: str, rel: Optional[float] = None) -> None:
         skipped.append(EngineSkip(task, backbone, engine, precision, status, reason, rel))
@@ -329,12 +339,9 @@ def bench_engines(
 
     ExecuTorch keeps one thread count per process: a second run at another ``threads`` fails there (recorded).
     """
-    from ..analysis.bench import StepProgress, check_args
-    from ..analysis.machine import machine_info, usable_threads
-    from ..engines.timing import time_interleaved
 
     backbones = list(dict.fromkeys(backbones))
-    engine_list, precision_list = check_args(backbones, engines, threads, size, runs, warmup, precisions)
+    engine_list, precision_list = check_run_args(backbones, engines, threads, size, runs, warmup, precisions)
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise ValueError("no task given: expected detect and/or segment")

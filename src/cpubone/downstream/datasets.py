@@ -33,7 +33,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, exif_orientation, open_image
+from ..images import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    decode_image,
+    exif_orientation,
+    open_image,
+)
 
 __all__ = [
     "AnnotationError", "CocoDetection", "SegmentationFolder", "detection_transforms", "segmentation_transforms",

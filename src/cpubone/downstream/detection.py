@@ -11,8 +11,8 @@ from typing import Any, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .presets import DETECTION_PRESETS, DetectionPreset
 from .backbone import BackboneWithFPN, backbone_mean_std, create_feature_backbone
+from .presets import DETECTION_PRESETS, DetectionPreset
 
 __all__ = ["create_retinanet", "retinanet_anchor_generator", "RetinaNetRaw", "DetectionPreset", "DETECTION_PRESETS"]
 

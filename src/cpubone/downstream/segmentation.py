@@ -8,15 +8,14 @@ exported ONNX file is end to end.
 from __future__ import annotations
 
 import os
-
 from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .presets import SEGMENTATION_PRESETS, SegmentationPreset
 from .backbone import BackboneWithFPN, backbone_mean_std, create_feature_backbone
+from .presets import SEGMENTATION_PRESETS, SegmentationPreset
 
 __all__ = ["SemanticFPNHead", "SemanticFPN", "create_semantic_fpn", "SegmentationPreset", "SEGMENTATION_PRESETS"]
 

@@ -1,4 +1,4 @@
-"""RetinaNet detection and Semantic FPN segmentation as tasks of the training engine (``cpubone.train.engine``).
+"""RetinaNet detection and Semantic FPN segmentation as tasks of the training engine (``cpubone.train.loop``).
 
 The engine gives both what classification has: torchrun DDP, AMP, gradient accumulation, atomic full-state
 checkpoints with exact resume after SIGKILL, NaN stop, logs and curves. The tasks supply the model, the
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..train.data import SeededSamples, StreamSampler
-from ..train.engine import Dist, Task, save_training_state, seed_all
+from ..train.loop import Dist, Task, save_training_state, seed_all
 
 __all__ = ["DetectionTask", "SegmentationTask", "MODEL_FILE"]
 
@@ -109,7 +109,7 @@ class DetectionTask(_DownstreamTask):
 
         from .datasets import AnnotationError, CocoDetection, detection_transforms
         from .detection import create_retinanet
-        from .engine import coco_split
+        from .evaluate import coco_split
         from .presets import DETECTION_PRESETS
 
         c = self.c
@@ -161,7 +161,7 @@ class DetectionTask(_DownstreamTask):
         return sum(losses.values()), len(images)
 
     def evaluate(self, model: nn.Module, ema: Optional[nn.Module], epoch: int) -> Tuple[Dict[str, Any], Optional[float], str]:
-        from .engine import evaluate_detection
+        from .evaluate import evaluate_detection
 
         c = self.c
         due = (epoch + 1) % c["eval_every"] == 0 or epoch + 1 == c["epochs"]
@@ -230,7 +230,7 @@ class SegmentationTask(_DownstreamTask):
         return F.cross_entropy(logits.float(), torch.stack(masks).to(dev), ignore_index=IGNORE_INDEX), len(images)
 
     def evaluate(self, model: nn.Module, ema: Optional[nn.Module], epoch: int) -> Tuple[Dict[str, Any], Optional[float], str]:
-        from .engine import evaluate_segmentation
+        from .evaluate import evaluate_segmentation
 
         if self.val_ds is None or not self.d.main:
             return {}, None, "model"

@@ -6,8 +6,8 @@
     logits = runner(x)                       # float32 (N, C, H, W) -> (N, classes)
 
 Every runtime but eager and compile is an optional extra; ``get_engine`` names the one to install when
-it is missing. ``cpubone.analysis`` (bench, profile) and ``cpubone.deploy`` (export, predict, deploy) both
-run models through this package, and do not import each other. Importing this package does not import
+it is missing. Every tool that runs a network (``cpubone.analysis``, ``cpubone.deploy``, ``cpubone.design``,
+``cpubone.downstream``) runs it through this package; it imports none of them. Importing this package does not import
 torch (the torch-free predictor loads artifacts through it).
 """
 from __future__ import annotations
@@ -15,13 +15,23 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple, Type, Union
+from typing import Dict, List, Sequence, Tuple, Type, Union
 
-from .base import PRECISIONS, Engine, EngineError, ExportError, MissingExtraError, NodeTime, Runner
+from .base import (
+    PRECISIONS,
+    Engine,
+    EngineError,
+    ExportError,
+    MissingExtraError,
+    NodeTime,
+    Runner,
+    cache_dir,
+)
+from .timing import check_timing_args
 
 __all__ = ["ENGINES", "PRECISIONS", "Engine", "Runner", "NodeTime", "EngineError", "ExportError", "MissingExtraError",
            "get_engine", "engine_names", "register_engine", "available_engines", "engine_for_file", "load_artifact",
-           "inference_form", "parse_engines", "parse_precisions"]
+           "inference_form", "parse_engines", "parse_precisions", "check_run_args", "cache_dir"]
 
 # name -> (module, class); order = the order reports list them in (ONNX Runtime first: the reference)
 ENGINES: Dict[str, Union[Tuple[str, str], Type[Engine]]] = {
@@ -112,8 +122,8 @@ def inference_form(model):
     timm model with train-time branches folded (``timm.utils.reparameterize_model``), else the model."""
     from timm.utils import reparameterize_model
 
-    from ..deploy.reparam import reparameterize
     from ..models import CPUBone
+    from ..models.reparam import reparameterize
 
     model.eval()
     if isinstance(model, CPUBone):
@@ -122,3 +132,30 @@ def inference_form(model):
     if any(hasattr(m, a) for m in model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy")):
         return reparameterize_model(model).eval()
     return model
+
+
+def check_run_args(models: Sequence[str], engine: Union[str, Sequence[str]] = "onnxruntime", threads: int = 1,
+               size: int = 224, runs: int = 50, warmup: int = 10,
+               precision: Union[str, Sequence[str]] = "fp32") -> Tuple[List[str], List[str]]:
+    """Reject bad input before any work starts, naming the problem; returns (engines, precisions).
+
+    Every engine must be installed and every precision run by at least one of them.
+    """
+    engines, precisions = parse_engines(engine), parse_precisions(precision)
+    for e in engines:
+        engine_class(e).require()
+    for p in precisions:
+        if not any(p in engine_class(e).precisions for e in engines):
+            raise ValueError(f"precision {p!r}: none of the engines {', '.join(engines)} runs it")
+    check_timing_args(threads, runs, warmup)
+    if size < 32:
+        raise ValueError(f"size={size}: input side must be at least 32 pixels (the networks downsample by 32)")
+    if not models:
+        raise ValueError("no models given")
+    from ..models import (
+        resolve_model_name,  # here: importing the engines must not import torch
+    )
+
+    for name in models:
+        resolve_model_name(name)  # unknown names fail here, before any measuring
+    return engines, precisions

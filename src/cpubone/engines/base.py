@@ -8,8 +8,12 @@ that do not need torch (ONNX Runtime, OpenVINO, LiteRT, ncnn) works in a torch-f
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -17,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 __all__ = ["PRECISIONS", "Engine", "Runner", "NodeTime", "EngineError", "ExportError", "MissingExtraError",
-           "check_threads"]
+           "check_threads", "cache_dir"]
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -34,6 +38,24 @@ class ExportError(EngineError):
 
 class MissingExtraError(EngineError):
     """The runtime's Python package is not installed; the message names the extra that installs it."""
+
+
+def cache_dir() -> Path:
+    """User cache for exported artifacts: $CPUBONE_CACHE_DIR, else $XDG_CACHE_HOME/cpubone, else ~/.cache/cpubone."""
+    if os.environ.get("CPUBONE_CACHE_DIR"):
+        return Path(os.environ["CPUBONE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cpubone"
+
+
+def _versions(modules: Sequence[str]) -> str:
+    out = []
+    for m in modules:
+        try:
+            out.append(f"{m} {importlib.metadata.version(m)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{m} ?")
+    return ", ".join(out)
 
 
 def check_threads(threads: int) -> int:
@@ -169,13 +191,18 @@ class Engine:
                               f"(it runs {', '.join(cls.precisions)})")
 
     def prepare(self, model: Any, input_shape: Sequence[int], precision: str = "fp32", threads: int = 1,
-                calib: Optional[Sequence[np.ndarray]] = None, workdir: Optional[PathLike] = None) -> Runner:
+                calib: Optional[Sequence[np.ndarray]] = None, workdir: Optional[PathLike] = None,
+                cache_key: Optional[str] = None) -> Runner:
         """A runner for ``model`` (the inference form, eval mode) at ``input_shape`` (1, C, H, W).
 
         Args:
             precision: one of ``self.precisions``.
             calib: int8 only: preprocessed (1, C, H, W) float32 samples to calibrate activation ranges on.
             workdir: folder for the artifact (a temporary folder when None: kept alive by the runner).
+            cache_key: what identifies ``model``'s network and weights (its name, seeded weights, design
+                config); with it, an engine that writes one file keeps it in ``cache_dir()`` under that key,
+                the shape, the precision and the library versions, and a later call loads it instead of
+                exporting again (an export of B0 takes seconds, a benchmark run prepares dozens).
         """
         self.require()
         self.check_precision(precision)
@@ -185,9 +212,9 @@ class Engine:
             raise EngineError(f"input shape {input_shape}: expected (1, C, H, W)")
         if precision == "int8" and not calib:
             raise EngineError(f"engine {self.name!r}: int8 needs calibration samples")
+        if cache_key is not None and self.suffix:
+            return self._prepare_cached(model, input_shape, precision, threads, calib, cache_key)
         if workdir is None:
-            import tempfile
-
             tmp = tempfile.TemporaryDirectory(prefix=f"cpubone-{self.name}-")
             runner = self._prepare(model, input_shape, precision, threads, calib, Path(tmp.name))
             runner.info.setdefault("_tmp", tmp)  # the folder lives as long as the runner
@@ -195,6 +222,34 @@ class Engine:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         return self._prepare(model, input_shape, precision, threads, calib, workdir)
+
+    def cache_path(self, cache_key: str, input_shape: Sequence[int], precision: str) -> Path:
+        """Where ``prepare(..., cache_key=...)`` keeps this engine's artifact."""
+        key = (f"{cache_key}|{tuple(int(s) for s in input_shape)}|{precision}|"
+               f"{_versions(('torch', 'timm', 'cpubone', *self.modules))}")
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in cache_key)[:60]
+        return cache_dir() / self.name / f"{safe}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.{precision}{self.suffix}"
+
+    def _prepare_cached(self, model: Any, input_shape: Tuple[int, ...], precision: str, threads: int,
+                        calib: Optional[Sequence[np.ndarray]], cache_key: str) -> Runner:
+        path = self.cache_path(cache_key, input_shape, precision)
+        if path.is_file():
+            runner = self._load(path, threads)
+            runner.precision, runner.input_shape = precision, input_shape
+            runner.info["cached"] = True
+            return runner
+        runner = self.prepare(model, input_shape, precision, threads, calib)
+        if runner.artifact is not None and runner.files == [runner.artifact]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            os.close(fd)
+            try:
+                shutil.copyfile(runner.artifact, tmp)
+                os.replace(tmp, path)  # a concurrent or killed run never leaves half a file under the key
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return runner
 
     def load(self, path: PathLike, threads: int = 1) -> Runner:
         """A runner for a file this engine wrote (``runner.artifact``)."""

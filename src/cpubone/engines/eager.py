@@ -4,14 +4,59 @@ No file is written; this is the reference point for what the other runtimes add.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .base import Engine, Runner
+from .timing import LatencyResult, check_timing_args, time_callable
 
-__all__ = ["EagerEngine", "torch_runner"]
+__all__ = ["EagerEngine", "torch_runner", "torch_threads", "eager_call", "measure_eager"]
+
+# torch is imported inside the functions: the engines package stays importable without torch (the
+# torch-free predictor loads ONNX, OpenVINO, LiteRT and ncnn files through it)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Pin torch's intra-op thread count for the duration of the block."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def eager_call(model, input_shape: Sequence[int], channels_last: bool = False, seed: int = 0) -> Callable[[], object]:
+    """A zero-argument eager call of ``model`` (eval mode) on a fixed random input.
+
+    Call it inside ``torch_threads(n)`` and ``torch.inference_mode()``.
+    """
+    import torch
+
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tuple(input_shape), generator=g)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return lambda: model(x)
+
+
+def measure_eager(model, input_shape: Sequence[int], threads: int = 1, runs: int = 50, warmup: int = 10,
+                  channels_last: bool = False, seed: int = 0) -> LatencyResult:
+    """Batch-1 latency of a PyTorch model in eager mode under ``torch.inference_mode``."""
+    import torch
+
+    check_timing_args(threads, runs, warmup)
+    fn = eager_call(model, input_shape, channels_last, seed)
+    with torch_threads(threads), torch.inference_mode():
+        return time_callable(fn, runs, warmup, threads, "eager" + ("-cl" if channels_last else ""))
 
 
 def torch_runner(fn, threads: int, dtype=None):

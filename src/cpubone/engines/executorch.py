@@ -51,7 +51,9 @@ class ExecuTorchEngine(Engine):
     def _prepare(self, model, input_shape: Tuple[int, ...], precision: str, threads: int,
                  calib: Optional[Sequence[np.ndarray]], workdir: Path) -> Runner:
         import torch
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackPartitioner,
+        )
         from executorch.exir import to_edge_transform_and_lower
 
         from .xnnpack_form import xnnpack_form
@@ -121,7 +123,10 @@ def _set_threadpool(threads: int) -> None:
     earlier methods with a dangling pool (a crash): one thread count per process.
     """
     global _LOADED_AT
-    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+    from executorch.extension.pybindings.portable_lib import (
+        _threadpool_get_thread_count,
+        _unsafe_reset_threadpool,
+    )
 
     if _threadpool_get_thread_count() != threads:
         if _LOADED_AT is not None:
@@ -134,8 +139,10 @@ def _set_threadpool(threads: int) -> None:
 def _quantize_pt2e(model, x, calib):
     """Static int8 (symmetric per-channel weights) with the XNNPACK quantizer, calibrated on ``calib``."""
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))

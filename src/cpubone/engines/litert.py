@@ -3,7 +3,7 @@
 Running a ``.tflite`` needs ``ai-edge-litert`` and numpy only (extra ``[litert]``). Converting the
 inference form needs ``litert-torch`` (extra ``[mobile]``), which pins an older typing_extensions and
 pulls in jax and transformers, so it lives in its own environment (``make mobile``, docs/deployment.md);
-this engine then converts through ``cpubone.deploy.tflite.export_tflite`` and, for int8, quantizes the
+this engine then converts through ``cpubone.engines.litert_export.export_tflite`` and, for int8, quantizes the
 float file with ai-edge-quantizer (installed with litert-torch).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class LiteRTEngine(Engine):
 
     def _prepare(self, model, input_shape: Tuple[int, ...], precision: str, threads: int,
                  calib: Optional[Sequence[np.ndarray]], workdir: Path) -> Runner:
-        from ..deploy.tflite import export_tflite, quantize_tflite
+        from ..engines.litert_export import export_tflite, quantize_tflite
 
         path = export_tflite(model, workdir / "model.tflite", tuple(input_shape[2:]))
         if precision == "int8":

@@ -2,7 +2,7 @@
 
 The network is exported with the project's ONNX exporter (``cpubone.deploy.onnx.export_onnx``); int8 is
 ONNX Runtime's static quantization (per-channel weights, the stem and classifier kept in float, see
-``cpubone.deploy.quantize``). Loading a ``.onnx`` file needs onnxruntime and numpy only.
+``cpubone.engines.onnx_quantize``). Loading a ``.onnx`` file needs onnxruntime and numpy only.
 """
 from __future__ import annotations
 
@@ -16,9 +16,17 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .base import Engine, EngineError, NodeTime, Runner, calibration_batches, check_threads
+from ..preprocess import PreprocessConfig
+from .base import (
+    Engine,
+    EngineError,
+    NodeTime,
+    Runner,
+    calibration_batches,
+    check_threads,
+)
 
-__all__ = ["OnnxRuntimeEngine", "ort_session", "export_onnx", "share_thread_pool"]
+__all__ = ["OnnxRuntimeEngine", "ort_session", "share_thread_pool"]
 
 _SHARED_POOL: Optional[int] = None  # threads of this process's shared ONNX Runtime pool, once made
 
@@ -46,13 +54,6 @@ def share_thread_pool(threads: int) -> bool:
         return False
     _SHARED_POOL = threads
     return True
-
-
-def export_onnx(model, path, input_size=(224, 224), **kwargs) -> Path:
-    """The project's ONNX exporter (``cpubone.deploy.onnx.export_onnx``; imported on use, it needs torch)."""
-    from ..deploy.onnx import export_onnx as export
-
-    return export(model, path, input_size, **kwargs)
 
 
 def ort_session(path: Union[str, os.PathLike], threads: int = 1, enable_profiling: bool = False,
@@ -102,15 +103,17 @@ class OnnxRuntimeEngine(Engine):
 
     def _prepare(self, model, input_shape: Tuple[int, ...], precision: str, threads: int,
                  calib: Optional[Sequence[np.ndarray]], workdir: Path) -> Runner:
+        from .onnx_export import (  # torch: only where a model is prepared
+            add_metadata,
+            export_onnx,
+        )
+        from .onnx_quantize import quantize_onnx
+
         path = export_onnx(model, workdir / "model.onnx", input_size=input_shape[2:])
         if precision == "int8":
-            from ..deploy.preprocess import PreprocessConfig
-
             # quantize_onnx reads the preprocessing from the file; the engine gets preprocessed samples
-            _add_metadata(path, PreprocessConfig(input_size=input_shape[1:], mean=(0.0,) * input_shape[1],
-                                                 std=(1.0,) * input_shape[1]).to_metadata())
-            from ..deploy.quantize import quantize_onnx
-
+            add_metadata(path, PreprocessConfig(input_size=input_shape[1:], mean=(0.0,) * input_shape[1],
+                                                std=(1.0,) * input_shape[1]).to_metadata())
             path = quantize_onnx(path, workdir / "model.int8.onnx", calib_data=calibration_batches(calib),
                                  max_images=len(calib))
         runner = self._load(path, threads)
@@ -153,15 +156,3 @@ class OnnxRuntimeEngine(Engine):
             times[node].append(e["dur"] / 1e3)
         # the profiled runs, not the warm-up
         return [NodeTime(node, op, statistics.median(times[node][-runs:])) for node, op in order.items()]
-
-
-def _add_metadata(path: Path, meta: dict) -> None:
-    import onnx
-
-    proto = onnx.load(str(path))
-    have = {p.key for p in proto.metadata_props}
-    for k, v in meta.items():
-        if k not in have:
-            e = proto.metadata_props.add()
-            e.key, e.value = k, v
-    onnx.save(proto, str(path))

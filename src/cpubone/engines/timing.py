@@ -94,21 +94,42 @@ def summarize_times(times: Sequence[float], warmup: int, threads: int, engine: s
 
 
 def time_interleaved(calls: Dict[str, Callable[[], object]], runs: int = 50, warmup: int = 10, rounds: int = 5,
-                     threads: int = 1, step: Optional[Callable[[str], None]] = None) -> Dict[str, LatencyResult]:
-    """Time every call of ``calls`` in ``rounds`` interleaved rounds of about ``runs / rounds`` calls each.
+                     threads: int = 1, step: Optional[Callable[[str], None]] = None,
+                     later_warmup: Optional[int] = None, clock: Callable[[], float] = time.perf_counter,
+                     times: Optional[Dict[str, List[float]]] = None) -> Dict[str, LatencyResult]:
+    """Time every call of ``calls`` in ``rounds`` interleaved rounds of about ``runs / rounds`` calls each:
+    the one timing loop of bench, blocks, profile, design, deploy and the downstream bench.
 
-    ``warmup`` untimed calls precede each call's first round, 2 each later round (to bring its weights
-    back into cache). ``step(label)`` is called before each round (a progress bar).
+    Args:
+        runs: timed calls per call in all (split over the rounds).
+        warmup: untimed calls before each call's first round.
+        later_warmup: untimed calls before each later round; by default ``min(warmup, 2)`` (brings the
+            call's weights back into cache after the others ran). At more than one thread it is at least 3:
+            a thread pool switched in after other runtimes ran needs a few calls to reach the steady state
+            it has inside a whole network (B0's design units at two threads, switched in with one warm-up
+            call each, summed to 1.3-1.6x what they take timed one after another on a 2-core AMD EPYC).
+        clock: ``time.perf_counter`` (latency) or ``time.process_time`` (CPU time, one thread only).
+        step: called with a label before each round (a progress bar).
+        times: a dict the raw per-call times (ms) are appended to, per name, in round order (callers that
+            summarize rounds their own way, e.g. the fastest round).
+
+    Before every call at more than one thread the harness pauses ``SETTLE_S`` (``time_callable``).
     """
     check_timing_args(threads, runs, warmup)
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: need at least 1 round")
     rounds = min(rounds, runs)
     chunks = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
-    times: Dict[str, List[float]] = {k: [] for k in calls}
+    later = min(warmup, 2) if later_warmup is None else later_warmup
+    if threads > 1:
+        later = max(later, 3)
+    raw: Dict[str, List[float]] = {k: [] for k in calls}
     for r, chunk in enumerate(chunks):
         if step is not None:
             step(f"timing round {r + 1}/{rounds}")
         for name, fn in calls.items():
-            time_callable(fn, chunk, warmup if r == 0 else min(warmup, 2), threads, name, times=times[name])
-    return {k: summarize_times(v, warmup, threads, k) for k, v in times.items()}
+            time_callable(fn, chunk, warmup if r == 0 else later, threads, name, times=raw[name], clock=clock)
+    if times is not None:
+        for k, v in raw.items():
+            times.setdefault(k, []).extend(v)
+    return {k: summarize_times(v, warmup, threads, k) for k, v in raw.items()}

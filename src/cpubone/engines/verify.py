@@ -13,10 +13,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..images import ImageSource
+from ..preprocess import PreprocessConfig, preprocess
 from .base import EngineError, Runner
 
 __all__ = ["Check", "Agreement", "EngineVerificationError", "SKIMAGE_PHOTOS", "sample_photos",
-           "verification_inputs", "photo_samples", "check_outputs", "verify_fp32", "judge_fp32", "agreement"]
+           "verification_inputs", "photo_inputs", "photo_samples", "check_outputs", "verify_fp32", "judge_fp32", "agreement"]
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 
@@ -63,11 +65,19 @@ def sample_photos(names: Sequence[str] = SKIMAGE_PHOTOS) -> List[Tuple[str, np.n
     return [(n, getattr(data, n)()) for n in names]
 
 
-def verification_inputs(cfg, photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None,
-                        seed: int = 0) -> List[Tuple[str, np.ndarray]]:
-    """A random (1, C, H, W) input and the photos preprocessed by ``cfg`` (a ``PreprocessConfig``)."""
-    from ..deploy.onnx import photo_inputs
+def photo_inputs(cfg: PreprocessConfig, photos: Optional[Sequence[Tuple[str, ImageSource]]] = None
+                 ) -> List[Tuple[str, np.ndarray]]:
+    """Photos as model inputs ``("photo NAME", (1, C, H, W) float32)``: the shared decoder and eval preprocessing.
 
+    ``photos`` are (name, image file / PIL image / array) pairs; default ``sample_photos()``.
+    """
+    return [(f"photo {name}", preprocess(img, cfg, name)[None])
+            for name, img in (photos if photos is not None else sample_photos())]
+
+
+def verification_inputs(cfg: PreprocessConfig, photos: Optional[Sequence[Tuple[str, ImageSource]]] = None,
+                        seed: int = 0) -> List[Tuple[str, np.ndarray]]:
+    """A random (1, C, H, W) input and the photos preprocessed by ``cfg``."""
     c, h, w = cfg.input_size
     inputs = [(f"random {h}x{w}", np.random.default_rng(seed).standard_normal((1, c, h, w)).astype(np.float32))]
     return inputs + photo_inputs(cfg, photos)
@@ -76,8 +86,6 @@ def verification_inputs(cfg, photos: Optional[Sequence[Tuple[str, np.ndarray]]] 
 def photo_samples(data_config: Dict[str, object], n: int = 8) -> List[np.ndarray]:
     """Up to ``n`` (1, C, H, W) samples for calibrating a timing run: the scikit-image photos and their
     mirror images through the eval preprocessing of timm's ``data_config`` (``resolve_data_config``)."""
-    from ..deploy.preprocess import PreprocessConfig, preprocess
-
     cfg = PreprocessConfig.from_data_config(data_config)
     photos = [preprocess(img, cfg, name)[None] for name, img in sample_photos()]
     return (photos + [p[..., ::-1].copy() for p in photos])[:n]

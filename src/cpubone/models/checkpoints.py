@@ -295,7 +295,7 @@ def _model_name(model: nn.Module) -> str:
 
 
 def _guess_variant(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    from .cpubone import CPUBone, VARIANTS
+    from .cpubone import VARIANTS, CPUBone
 
     shapes = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith("head.fc.")}
     with torch.device("meta"):

@@ -20,7 +20,14 @@ from timm.layers import DropPath, GroupNorm1, Mlp
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from .layers import PAD_MODES, ConvNormAct, FusedMBConv, Lowtention, MBConv, fold_groupnorm_affine
+from .layers import (
+    PAD_MODES,
+    ConvNormAct,
+    FusedMBConv,
+    Lowtention,
+    MBConv,
+    fold_groupnorm_affine,
+)
 
 __all__ = ["CPUBone", "CPUBoneBlock", "CPUBoneStage", "ClassifierHead", "CPUBoneConfig", "VARIANTS", "ARCH_KEYS",
            "arch_args"]

@@ -9,7 +9,12 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 
 import torch.nn as nn
 
-from .checkpoints import CheckpointError, load_checkpoint, read_pretrained_config, read_state_dict
+from .checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    read_pretrained_config,
+    read_state_dict,
+)
 from .config import config_input_size, config_model_args, is_config_source, load_config
 from .cpubone import VARIANTS, CPUBone, default_cfg
 

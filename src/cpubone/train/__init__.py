@@ -2,7 +2,7 @@
 task with the authors' release recipe, the paper's summary and small-data presets."""
 from .classification import TrainConfig, evaluate_checkpoint, resolved_config, train
 from .data import SafeImageFolder, write_digits_imagefolder
-from .engine import TrainingDiverged, load_training_state
+from .loop import TrainingDiverged, load_training_state
 from .recipes import Recipe, get_recipe
 
 __all__ = ["train", "TrainConfig", "TrainingDiverged", "evaluate_checkpoint", "load_training_state", "Recipe",

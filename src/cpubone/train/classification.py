@@ -18,12 +18,33 @@ import torch
 import torch.nn as nn
 
 from ..models.factory import create_model, is_cpubone, resolve_model_name
-from .data import ResumableSampler, SafeImageFolder, build_transforms, collate_skip_bad, make_loader
-from .engine import (CKPT_BEST, Dist, Task, all_sum, amp_dtype, isolated_rng, load_training_state, resolve_checkpoint,
-                     run, seed_all)
+from .data import (
+    ResumableSampler,
+    SafeImageFolder,
+    build_transforms,
+    collate_skip_bad,
+    make_loader,
+)
+from .loop import (
+    CKPT_BEST,
+    Dist,
+    Task,
+    all_sum,
+    amp_dtype,
+    isolated_rng,
+    load_training_state,
+    resolve_checkpoint,
+    run,
+    seed_all,
+)
 from .recipes import Recipe, get_recipe
-from .release import (RandomResolutionBatchSampler, apply_scheduled_drop_path, mesa_loss, reestimate_batchnorm,
-                      set_drop_path_progress)
+from .release import (
+    RandomResolutionBatchSampler,
+    apply_scheduled_drop_path,
+    mesa_loss,
+    reestimate_batchnorm,
+    set_drop_path_progress,
+)
 
 __all__ = ["TrainConfig", "ClassificationTask", "train", "evaluate", "evaluate_checkpoint", "resolved_config",
            "BEST_MODEL_DIR"]
@@ -197,7 +218,11 @@ class ClassificationTask(Task):
 
     def setup(self, d: Dist, log) -> None:
         from timm.data import Mixup
-        from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.loss import (
+            BinaryCrossEntropy,
+            LabelSmoothingCrossEntropy,
+            SoftTargetCrossEntropy,
+        )
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
 

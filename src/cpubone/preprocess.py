@@ -14,15 +14,15 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import numpy as np
 from PIL import Image
 
-from ..images import ImageSource as ImageLike
-from ..images import decode_image
+from .images import ImageDecodeError, decode_image, list_images
+from .images import ImageSource as ImageLike
 
-__all__ = ["PreprocessConfig", "to_model_mode", "preprocess", "preprocess_batch"]
+__all__ = ["PreprocessConfig", "to_model_mode", "preprocess", "preprocess_batch", "calibration_samples"]
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -155,3 +155,22 @@ def preprocess(image: ImageLike, cfg: PreprocessConfig, name: str = "image") -> 
 def preprocess_batch(images: Iterable[ImageLike], cfg: PreprocessConfig) -> np.ndarray:
     """Several images -> float32 array (N, channels, height, width)."""
     return np.stack([preprocess(im, cfg) for im in images])
+
+
+def calibration_samples(folder: "os.PathLike[str] | str", cfg: PreprocessConfig, limit: int = 64) -> List[np.ndarray]:
+    """Up to ``limit`` images of ``folder`` (recursively, sorted) as (1, C, H, W) float32 model inputs: what
+    int8 calibration sees, as deployment will feed it. Unreadable images are skipped; none readable is an error."""
+    if limit < 1:
+        raise ValueError(f"calibration count {limit}: need at least 1 image")
+    files = list_images(folder)
+    out = []
+    for f in files:
+        if len(out) >= limit:
+            break
+        try:
+            out.append(preprocess(f, cfg)[None])
+        except (ImageDecodeError, ValueError):
+            continue  # a broken file in a folder of photos does not stop the calibration
+    if not out:
+        raise ValueError(f"{folder}: no readable image to calibrate on ({len(files)} image files found)")
+    return out

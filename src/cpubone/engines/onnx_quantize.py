@@ -12,9 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
+import numpy as np
+
 from ..images import ImageDecodeError, list_images
 from ..outputs import atomic_write
-from .preprocess import PreprocessConfig, preprocess
+from ..preprocess import PreprocessConfig, preprocess
 
 __all__ = ["quantize_onnx", "exclusion_groups", "EXCLUDE_GROUPS"]
 
@@ -103,7 +105,7 @@ def quantize_onnx(
     calibrate_method: str = "minmax",
     skip_optimization: bool = False,
     op_types: Optional[Sequence[str]] = None,
-    calib_data: Optional[Sequence["np.ndarray"]] = None,
+    calib_data: Optional[Sequence[np.ndarray]] = None,
 ) -> Path:
     """Write a static-QDQ int8 copy of the fp32 ONNX file ``model_path`` to ``output``.
 
@@ -123,7 +125,12 @@ def quantize_onnx(
     The fp32 file's metadata (preprocessing, labels) is copied into the int8 file.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model_path, output = Path(model_path), Path(output)

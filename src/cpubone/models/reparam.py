@@ -28,8 +28,16 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..models.cpubone import CPUBone, _fuse_children
-from ..models.layers import PAD_MODES, ConvAct, ConvNormAct, Lowtention, LowtentionInference, densify_groups, shape_general
+from .cpubone import CPUBone, _fuse_children
+from .layers import (
+    PAD_MODES,
+    ConvAct,
+    ConvNormAct,
+    Lowtention,
+    LowtentionInference,
+    densify_groups,
+    shape_general,
+)
 
 __all__ = ["reparameterize", "reparameterize_blocks", "ConvAct", "LowtentionInference", "shape_general", "is_reparameterized",
            "densify_groups", "PAD_MODES"]

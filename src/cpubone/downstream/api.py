@@ -1,6 +1,6 @@
 """Training, evaluation and prediction for RetinaNet detection and Semantic FPN segmentation.
 
-Training runs on the one training engine (``cpubone.train.engine``, tasks in ``tasks.py``): torchrun DDP,
+Training runs on the one training engine (``cpubone.train.loop``, tasks in ``tasks.py``): torchrun DDP,
 AMP, accumulation, the same atomic full-state checkpoints and exact resume as classification. The schedules
 are timm's (``MultiStepLRScheduler`` for the 1x schedule, ``PolyLRScheduler`` for 40k iterations) updated
 every iteration, the optimizer timm's ``create_optimizer_v2`` (no weight decay on norms and biases).
@@ -16,12 +16,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .datasets import AnnotationError, CocoDetection, SegmentationFolder, collate_skip
 from .detection import DETECTION_PRESETS, create_retinanet
-from .metrics import ConfusionMatrix, coco_detection_metrics, detections_to_coco
+from .evaluate import (
+    coco_split,
+    evaluate_detection,
+    evaluate_segmentation,
+    segment_image,
+)
 from .segmentation import SEGMENTATION_PRESETS, create_semantic_fpn
+from .tasks import DetectionTask, SegmentationTask
 
 __all__ = [
     "DetectionTrainConfig", "SegmentationTrainConfig", "coco_split", "train_detection", "evaluate_detection",
@@ -173,29 +177,7 @@ def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
     return state
 
 
-def _loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, drop_last: bool = False):
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=collate_skip, generator=g, drop_last=drop_last,
-                                       persistent_workers=False)
-
-
 # --- detection ----------------------------------------------------------------------------------
-def coco_split(root: PathLike, split: str) -> Tuple[Path, Path]:
-    """(image folder, instances JSON) of a COCO-layout split: ``root/images/<split>`` (or ``root/<split>``, as
-    COCO ships ``train2017/``) and ``root/annotations/instances_<split>.json``."""
-    root = Path(root)
-    ann = root / "annotations" / f"instances_{split}.json"
-    images = root / "images" / split
-    if not images.is_dir():
-        images = root / split
-    if not ann.is_file():
-        raise FileNotFoundError(f"annotation file not found: {ann} (COCO layout: annotations/instances_<split>.json)")
-    if not images.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root / 'images' / split} or {root / split}")
-    return images, ann
-
-
 def train_detection(cfg: DetectionTrainConfig, log: Optional[Log] = None) -> Dict[str, Any]:
     """Train RetinaNet on the training engine; returns the final validation metrics (COCO AP...), the
     training's skipped-image count and where the final weights are.
@@ -204,15 +186,13 @@ def train_detection(cfg: DetectionTrainConfig, log: Optional[Log] = None) -> Dic
     iterations), ``history.csv`` / ``metrics.jsonl`` (one row per epoch) and ``model.pt`` (weights + config)
     at the end. Runs under torchrun as classification does.
     """
-    from .tasks import DetectionTask
-
     if cfg.preset not in DETECTION_PRESETS:
         raise ValueError(f"unknown detection preset {cfg.preset!r}; choose from {sorted(DETECTION_PRESETS)}")
     return _train(DetectionTask(_resolve(cfg, DETECTION_PRESETS[cfg.preset])), log)
 
 
 def _train(task, log: Optional[Log]) -> Dict[str, Any]:
-    from ..train.engine import load_training_state, resolve_checkpoint, run
+    from ..train.loop import load_training_state, resolve_checkpoint, run
 
     c = task.c
     resume, resume_path = None, ""
@@ -228,34 +208,6 @@ def _train(task, log: Optional[Log]) -> Dict[str, Any]:
             "global_steps": res["global_steps"], "main": res["main"]}
 
 
-@torch.no_grad()
-def evaluate_detection(model: nn.Module, dataset: CocoDetection, batch_size: int = 4,
-                       workers: int = 0) -> Dict[str, Any]:
-    """COCO box metrics of ``model`` on ``dataset`` (AP, AP50, AP75, APs, APm, APl, per-class AP keyed by
-    category name) plus the skipped-image count.
-
-    Unreadable images are left out of the evaluation (and counted), not scored as misses.
-    """
-    was_training = model.training
-    model.eval()
-    results: List[Dict[str, Any]] = []
-    seen: List[int] = []
-    skipped = 0
-    for images, targets, n_skip in _loader(dataset, batch_size, False, workers, 0):
-        skipped += n_skip
-        if not images:
-            continue
-        for det, t in zip(model(images), targets):
-            img_id = int(t["image_id"])
-            seen.append(img_id)
-            results += detections_to_coco(img_id, det["boxes"], det["scores"], det["labels"], dataset.cat_ids)
-    model.train(was_training)
-    if not seen:
-        raise AnnotationError(f"{dataset.ann_file}: no readable images to evaluate ({skipped} skipped)")
-    return {**coco_detection_metrics(dataset.coco, results, image_ids=seen), "images": len(seen),
-            "skipped_images": skipped}
-
-
 # --- segmentation -------------------------------------------------------------------------------
 def train_segmentation(cfg: SegmentationTrainConfig, log: Optional[Log] = None) -> Dict[str, Any]:
     """Train Semantic FPN on the training engine; returns the final validation metrics (mIoU, aAcc, mAcc,
@@ -264,53 +216,9 @@ def train_segmentation(cfg: SegmentationTrainConfig, log: Optional[Log] = None) 
     Writes ``<output>/last.pt`` (resumable) every ``eval_every`` iterations (and every ``checkpoint_every``),
     ``history.csv`` / ``metrics.jsonl`` and, at the end, ``model.pt`` (weights + config).
     """
-    from .tasks import SegmentationTask
-
     if cfg.preset not in SEGMENTATION_PRESETS:
         raise ValueError(f"unknown segmentation preset {cfg.preset!r}; choose from {sorted(SEGMENTATION_PRESETS)}")
     return _train(SegmentationTask(_resolve(cfg, SEGMENTATION_PRESETS[cfg.preset])), log)
-
-
-def _resize_short(x: torch.Tensor, base_size: Optional[int]) -> torch.Tensor:
-    if not base_size:
-        return x
-    h, w = x.shape[-2:]
-    s = base_size / min(h, w)
-    if s == 1:
-        return x
-    return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
-                         align_corners=False, antialias=s < 1)
-
-
-@torch.no_grad()
-def segment_image(model: nn.Module, image: torch.Tensor, base_size: Optional[int] = None) -> torch.Tensor:
-    """Label map (H, W) of one float image (3, H, W) in [0, 1]: run at shorter side ``base_size``, logits
-    resized back to the image's own size (mmseg's 'whole' inference)."""
-    logits = model(_resize_short(image[None], base_size))
-    logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-    return logits[0].argmax(0)
-
-
-@torch.no_grad()
-def evaluate_segmentation(model: nn.Module, dataset: SegmentationFolder,
-                          base_size: Optional[int] = None) -> Dict[str, Any]:
-    """mIoU, aAcc, mAcc and per-class IoU ({class name: IoU}) of ``model`` on ``dataset`` against the
-    original-size masks."""
-    if dataset.transforms is not None:
-        raise ValueError("evaluate_segmentation needs a dataset without transforms (it compares at the original size)")
-    was_training = model.training
-    model.eval()
-    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, classes=getattr(dataset, "classes", None))
-    skipped = 0
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if item is None:
-            skipped += 1
-            continue
-        image, mask = item
-        cm.update(segment_image(model, image.float() / 255, base_size), mask)
-    model.train(was_training)
-    return {**cm.compute(), "images": len(dataset) - skipped, "skipped_images": skipped}
 
 
 # --- loading and prediction ---------------------------------------------------------------------

@@ -17,7 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .latency import LatencyResult, ort_session, time_callable, torch_threads
+from .eager import torch_threads
+from .onnxruntime import ort_session
+from .timing import LatencyResult, time_callable
 
 __all__ = ["MachineInfo", "GemmPeak", "machine_info", "isa_features", "usable_threads", "gemm_runner", "gemm_peak",
            "GEMM_N"]
@@ -25,6 +27,8 @@ __all__ = ["MachineInfo", "GemmPeak", "machine_info", "isa_features", "usable_th
 # 512x512x512: large enough for the kernel's steady state, small enough to stay cache-resident
 # (the regime of the convs of a small backbone at batch 1).
 GEMM_N = 512
+# the engines gemm_runner measures the fp32 GEMM peak in
+GEMM_ENGINES = ("onnxruntime", "eager")
 
 # /proc/cpuinfo flag -> the name we report; order = from basic to advanced.
 _X86_FLAGS = [("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX-VNNI"),
@@ -202,7 +206,7 @@ def gemm_runner(engine: str = "onnxruntime", threads: int = 1, n: int = GEMM_N) 
         g = torch.Generator().manual_seed(0)
         a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         return (lambda: torch.matmul(a, b)), f"torch.matmul {n}x{n}x{n} fp32"
-    raise ValueError(f"engine={engine!r}: expected 'onnxruntime' or 'eager'")
+    raise ValueError(f"engine={engine!r}: expected one of {', '.join(GEMM_ENGINES)}")
 
 
 @lru_cache(maxsize=None)
