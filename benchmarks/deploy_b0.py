@@ -2,8 +2,7 @@
 
 Batch 1, one thread, 224x224, identical weights: timm's ``cpubone_b0_bfrobust`` (with non-trivial
 BatchNorm statistics, or pretrained weights with --pretrained) is loaded into our ``cpubone_b0`` with
-``load_checkpoint`` (which folds timm's extra BatchNorms), then rewritten by ``reparameterize``. Eager
-PyTorch also runs the inference form on oneDNN's prepacked, activation-fused convs (``to_onednn``).
+``load_checkpoint`` (which folds timm's extra BatchNorms), then rewritten by ``reparameterize``.
 
 Goals (issue 4): eager, our inference form <= 0.6x timm's latency; ONNX Runtime, our export <= 0.9x
 timm's model exported the same way, i.e. >= 90% of this machine's fp32 GEMM MAC/s.
@@ -33,9 +32,11 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from cpubone import create_model, load_checkpoint  # noqa: E402
-from cpubone.analysis.latency import measure_eager, measure_onnx, ort_session  # noqa: E402
+from cpubone.engines import get_engine  # noqa: E402
+from cpubone.engines.eager import measure_eager  # noqa: E402
+from cpubone.engines.onnxruntime import ort_session  # noqa: E402
+from cpubone.engines.timing import time_callable  # noqa: E402
 from cpubone.models.macs import count_macs  # noqa: E402
-from cpubone.deploy.onednn import onednn_available, to_onednn  # noqa: E402
 from cpubone.engines.onnx_export import export_onnx  # noqa: E402
 from cpubone.models.reparam import reparameterize  # noqa: E402
 
@@ -91,32 +92,6 @@ def eager_profile(model: nn.Module, channels_last: bool, runs: int = 10) -> Dict
     return out
 
 
-def onednn_kernel_ms(model: nn.Module) -> Dict[str, float]:
-    """oneDNN's own execution time of the conv primitives in one forward (its verbose log), by count and ms.
-
-    Compared with the forward's wall time it splits eager time into kernel work and everything around it
-    (op wrappers, Python, dispatch, non-conv ops).
-    """
-    x = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        sys.stdout.flush()
-        saved = os.dup(1)
-        with tempfile.TemporaryFile(mode="w+") as log:
-            os.dup2(log.fileno(), 1)  # oneDNN prints from C to fd 1
-            try:
-                with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                    model(x)
-            finally:
-                sys.stdout.flush()
-                os.dup2(saved, 1)
-                os.close(saved)
-            log.seek(0)
-            rows = [ln.strip().split(",") for ln in log if ",primitive,exec," in ln]
-    return dict(primitives=len(rows), kernel_ms=sum(float(r[-1]) for r in rows))
-
-
 def optimized_node_types(path: Path, tmp: Path) -> Dict[str, int]:
     out = tmp / (path.stem + ".opt.onnx")
     ort_session(path, threads=1, optimized_model_path=str(out))
@@ -152,15 +127,10 @@ def main() -> int:
         "inference form (crop)": reparameterize(ours, pad_mode="crop"),
         "inference form (pad, grouped kept)": reparameterize(ours, pad_mode="pad", densify_below=0),
     }
-    # eager only: prepacked oneDNN convs with fused activations (not exportable, see cpubone.deploy.onednn)
-    eager_only = {}
-    if onednn_available():
-        eager_only["inference form (pad), oneDNN, channels_last"] = to_onednn(reparameterize(ours, pad_mode="pad"),
-                                                                              SHAPE[2:])
     x = torch.randn(SHAPE)
     with torch.no_grad():
         ref = timm_model(x)
-        diffs = {k: float((m(x) - ref).abs().max()) for k, m in {**variants, **eager_only}.items()}
+        diffs = {k: float((m(x) - ref).abs().max()) for k, m in variants.items()}
     print(f"CPUBone-B0: {macs / 1e6:.1f}M MACs (count_macs); max |ours - timm| on one input: "
           + ", ".join(f"{k}: {v:.1e}" for k, v in diffs.items()))
 
@@ -174,14 +144,14 @@ def main() -> int:
         eager[k] = (lambda m=m: measure_eager(m, SHAPE, 1, args.runs, args.warmup).median_ms)
         eager[k + ", channels_last"] = (lambda m=m: measure_eager(copy.deepcopy(m), SHAPE, 1, args.runs, args.warmup,
                                                                   channels_last=True).median_ms)
-    for k, m in eager_only.items():
-        eager[k] = (lambda m=m: measure_eager(m, SHAPE, 1, args.runs, args.warmup, channels_last=True).median_ms)
 
     tmp = Path(tempfile.mkdtemp(prefix="deploy_b0_"))
     files = {"timm cpubone_b0_bfrobust": export_onnx(timm_model, tmp / "timm.onnx", SHAPE[2:])}
     for i, (k, m) in enumerate(variants.items()):
         files[k] = export_onnx(m, tmp / f"ours{i}.onnx", SHAPE[2:])
-    onnx_fns = {k: (lambda p=p: measure_onnx(p, SHAPE, 1, args.runs, args.warmup).median_ms) for k, p in files.items()}
+    ort = get_engine("onnxruntime", for_load=True)
+    onnx_fns = {k: (lambda r=ort.load(p, 1): time_callable(r.timer(), args.runs, args.warmup, 1, "onnxruntime").median_ms)
+                for k, p in files.items()}
 
     times: Dict[str, Dict[str, List[float]]] = {"eager": collections.defaultdict(list),
                                                  "onnxruntime": collections.defaultdict(list)}
@@ -226,7 +196,6 @@ def main() -> int:
     if args.profile:
         eager_profiled = [("timm cpubone_b0_bfrobust", timm_model, False),
                           ("inference form (pad), channels_last", variants["inference form (pad)"], True)]
-        eager_profiled += [(k, m, True) for k, m in eager_only.items()]
         for k, m, cl in eager_profiled:
             prof = eager_profile(m, cl)
             calls = prof.pop("(aten calls per run)")
@@ -235,13 +204,6 @@ def main() -> int:
             for op, ms in list(prof.items())[:10]:
                 print(f"  {op:32s} {ms:6.3f} ms {100 * ms / total:5.1f}%")
             results.setdefault("eager_profiles", {})[k] = dict(prof, calls_per_run=calls)
-        for k, m in eager_only.items():
-            kern = onednn_kernel_ms(m)
-            wall = med["eager"][k]
-            print(f"\noneDNN kernels, {k}: {kern['primitives']} conv primitives, {kern['kernel_ms']:.2f} ms of "
-                  f"{wall:.2f} ms wall ({100 * kern['kernel_ms'] / wall:.0f}%); the rest is op wrappers, Python "
-                  "dispatch and the non-conv ops")
-            results.setdefault("onednn_kernels", {})[k] = kern
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

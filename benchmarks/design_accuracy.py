@@ -20,7 +20,11 @@ beyond its cores a whole network (milliseconds) is preempted many times per call
 so wall-clock medians of whole models grow with the load while the units' do not; CPU time is what one
 thread costs on an idle core. One-thread tables in part B use the CPU clock for that reason.
 
-    PYTHONPATH=src python benchmarks/design_accuracy.py [--threads 1 2] [--random 20] [--rounds 5] [--out DIR]
+Any engine x precision that ``cpubone design lut`` measures: ``--engine executorch --precision int8`` times the
+units, the references and the whole models in that runtime (int8 quantized by the engine's own quantizer,
+whole models calibrated on the built-in sample photos, as ``cpubone deploy`` does without ``--calib``).
+
+    PYTHONPATH=src python benchmarks/design_accuracy.py [--engine E] [--precision P] [--threads 1 2] [--random 30]
 """
 from __future__ import annotations
 
@@ -30,7 +34,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +48,8 @@ from cpubone.design.search import SearchSpace, released_units, sample_config, sc
 from cpubone.design.units import model_units  # noqa: E402
 from cpubone.models import VARIANTS, load_config, variant_config  # noqa: E402
 
-ENGINE = "onnxruntime"
+ENGINE = "onnxruntime"  # set from --engine
+PRECISION = "fp32"  # set from --precision
 
 
 def clocks_for(threads: int):
@@ -74,50 +78,51 @@ def part_a(threads: int, size, n_random: int, rounds: int, runs: int, seed: int)
                                + [u for us in ref_units for u in us]))
     print(f"[{threads} thread(s)] {len(configs)} models, {len(units)} distinct units", file=sys.stderr)
     result = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        runners = {"call": overhead_runner(ENGINE, threads, tmp)}
-        for cfg in refs:
-            runners["ref:" + cfg["name"]] = model_runner(cfg, size, ENGINE, threads, tmp, cfg["name"])
-        for u in units:  # each session holds its graph once built, so the export file can be reused
-            runners[u.key] = unit_runner(u, ENGINE, threads, tmp)
+    runners = {"call": overhead_runner(ENGINE, threads)}
+    for cfg in refs:
+        runners["ref:" + cfg["name"]] = model_runner(cfg, size, ENGINE, threads, PRECISION)
+    for u in units:
+        runners[u.key] = unit_runner(u, ENGINE, threads, PRECISION)
+    for name, cfg in configs.items():
+        runners["model:" + name] = model_runner(cfg, size, ENGINE, threads, PRECISION)
+    for clock in clocks_for(threads):
+        t0 = time.time()
+        med = {k: estimate_ms(v, runs, threads) for k, v in
+               time_rounds(runners, threads, rounds, runs, 2, clock).items()}
+        print(f"[{threads} thread(s)] {clock} clock: {len(runners)} runners x {rounds} rounds in "
+              f"{time.time() - t0:.0f} s", file=sys.stderr)
+        call = med["call"]
+        sums = [sum(max(med[u.key] - call, 0.0) for u in us) for us in ref_units]
+        fixed, scale = fit_overhead([med["ref:" + cfg["name"]] for cfg in refs], sums, call)
+        key = f"{size[0]}x{size[1]}"
+        table = LatencyTable(ENGINE, threads, {}, call, {u.key: dict(ms=max(med[u.key] - call, 0.0))
+                                                         for u in units}, fixed_ms={key: fixed}, scale={key: scale})
+        rows = []
         for name, cfg in configs.items():
-            runners["model:" + name] = model_runner(cfg, size, ENGINE, threads, tmp, name)
-        for clock in clocks_for(threads):
-            t0 = time.time()
-            med = {k: estimate_ms(v, runs, threads) for k, v in
-                   time_rounds(runners, ENGINE, threads, rounds, runs, 2, clock).items()}
-            print(f"[{threads} thread(s)] {clock} clock: {len(runners)} runners x {rounds} rounds in "
-                  f"{time.time() - t0:.0f} s", file=sys.stderr)
-            call = med["call"]
-            sums = [sum(max(med[u.key] - call, 0.0) for u in us) for us in ref_units]
-            fixed, scale = fit_overhead([med["ref:" + cfg["name"]] for cfg in refs], sums, call)
-            key = f"{size[0]}x{size[1]}"
-            table = LatencyTable(ENGINE, threads, {}, call, {u.key: dict(ms=max(med[u.key] - call, 0.0))
-                                                             for u in units}, fixed_ms={key: fixed}, scale={key: scale})
-            rows = []
-            for name, cfg in configs.items():
-                pred, _ = predict_latency(cfg, table, size)
-                meas = med["model:" + name]
-                rows.append(dict(model=name, predicted_ms=round(pred, 3), measured_ms=round(meas, 3),
-                                 error_pct=round(100 * (pred - meas) / meas, 1)))
-            errs = [abs(r["error_pct"]) for r in rows]
-            result[clock] = dict(rows=rows, fixed_overhead_ms=round(fixed, 3), scale=round(scale, 3),
-                                 median_abs_error_pct=statistics.median(errs),
-                                 worst_abs_error_pct=max(errs),
-                                 released_median_abs_error_pct=statistics.median(errs[: len(VARIANTS)]),
-                                 random_median_abs_error_pct=statistics.median(errs[len(VARIANTS):]),
-                                 # every runner's figure, to trace an error to the entries behind it
-                                 measured_ms={k: round(v, 5) for k, v in med.items()})
+            pred, _ = predict_latency(cfg, table, size)
+            meas = med["model:" + name]
+            rows.append(dict(model=name, predicted_ms=round(pred, 3), measured_ms=round(meas, 3),
+                             error_pct=round(100 * (pred - meas) / meas, 1)))
+        errs = [abs(r["error_pct"]) for r in rows]
+        result[clock] = dict(rows=rows, fixed_overhead_ms=round(fixed, 3), scale=round(scale, 3),
+                             median_abs_error_pct=statistics.median(errs),
+                             within_5_pct=round(100 * sum(e <= 5 for e in errs) / len(errs), 1),
+                             within_10_pct=round(100 * sum(e <= 10 for e in errs) / len(errs), 1),
+                             worst_abs_error_pct=max(errs),
+                             released_median_abs_error_pct=statistics.median(errs[: len(VARIANTS)]),
+                             random_median_abs_error_pct=statistics.median(errs[len(VARIANTS):]),
+                             # every runner's figure, to trace an error to the entries behind it
+                             measured_ms={k: round(v, 5) for k, v in med.items()})
     return result
 
 
 def part_b(threads: int, size, out: Path, budget_ms, rounds: int, lut_runs: int) -> dict:
     clock = "cpu" if threads == 1 else "wall"
-    lut_path = out / f"lut_{size[0]}x{size[1]}_t{threads}_{clock}.json"
+    lut_path = out / f"lut_{ENGINE}_{PRECISION}_{size[0]}x{size[1]}_t{threads}_{clock}.json"
     units = released_units(size) + space_units(SearchSpace(), size)
     t0 = time.time()
-    table = build_lut(units, lut_path, threads=threads, runs=lut_runs, warmup=3, progress=False, clock=clock,
-                      sizes=[size])
+    table = build_lut(units, lut_path, engine=ENGINE, precision=PRECISION, threads=threads, runs=lut_runs, warmup=3,
+                      progress=False, clock=clock, sizes=[size])
     lut_s = time.time() - t0
     b0 = score(variant_config("cpubone_b0"), table, size)
     budget = budget_ms or round(0.75 * b0.latency_ms, 2)
@@ -127,23 +132,24 @@ def part_b(threads: int, size, out: Path, budget_ms, rounds: int, lut_runs: int)
     out_b = dict(lut=str(lut_path), lut_clock=clock, lut_entries=len(table.entries), lut_build_s=round(lut_s, 1),
                  budget_ms=budget, predicted_ms=round(res.best.latency_ms, 3), proxy_top1=round(res.best.proxy, 2),
                  b0_predicted_ms=round(b0.latency_ms, 3), config=res.best.config)
-    with tempfile.TemporaryDirectory() as tmp:
-        runners = {"designed": model_runner(res.best.config, size, ENGINE, threads, tmp, "designed"),
-                   "cpubone_b0": model_runner(variant_config("cpubone_b0"), size, ENGINE, threads, tmp, "b0")}
-        for c in clocks_for(threads):
-            med = {k: estimate_ms(v, 10, threads) for k, v in
-                   time_rounds(runners, ENGINE, threads, rounds, 10, 3, c).items()}
-            out_b[c] = dict(measured_ms=round(med["designed"], 3), measured_over_budget=round(med["designed"] / budget, 3),
-                            b0_measured_ms=round(med["cpubone_b0"], 3),
-                            designed_over_b0=round(med["designed"] / med["cpubone_b0"], 3))
+    runners = {"designed": model_runner(res.best.config, size, ENGINE, threads, PRECISION),
+               "cpubone_b0": model_runner(variant_config("cpubone_b0"), size, ENGINE, threads, PRECISION)}
+    for c in clocks_for(threads):
+        med = {k: estimate_ms(v, 10, threads) for k, v in
+               time_rounds(runners, threads, rounds, 10, 3, c).items()}
+        out_b[c] = dict(measured_ms=round(med["designed"], 3), measured_over_budget=round(med["designed"] / budget, 3),
+                        b0_measured_ms=round(med["cpubone_b0"], 3),
+                        designed_over_b0=round(med["designed"] / med["cpubone_b0"], 3))
     return out_b
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", default="onnxruntime", help="runtime of the table and the models (default onnxruntime)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--size", type=int, nargs=2, default=(224, 224))
-    ap.add_argument("--random", type=int, default=20, help="random configs of the space (default 20)")
+    ap.add_argument("--random", type=int, default=30, help="random configs of the space (default 30)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=4, help="calls per runner per round (default 4)")
     ap.add_argument("--lut-runs", type=int, default=10, help="timed calls per unit in part B's table (default 10)")
@@ -152,11 +158,13 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-design", action="store_true", help="part A only")
     ap.add_argument("--out", default="cpubone-design-bench", help="tables and results go here")
     args = ap.parse_args(argv)
+    global ENGINE, PRECISION
+    ENGINE, PRECISION = args.engine, args.precision
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = tuple(args.size)
     report = dict(machine=machine_info().to_dict(), size=list(size), args=vars(args), results={})
-    shared = len(args.threads) == 1 and args.threads[0] > 1 and share_thread_pool(args.threads[0])
+    shared = ENGINE == "onnxruntime" and len(args.threads) == 1 and args.threads[0] > 1 and share_thread_pool(args.threads[0])
     if any(t > 1 for t in args.threads) and not shared:
         print("note: sessions at more than one thread keep a pool each here (one ONNX Runtime pool size per "
               "process): run each thread count > 1 on its own (--threads 2) for the table's timing", file=sys.stderr)
@@ -169,7 +177,8 @@ def main(argv=None) -> int:
         how = (f"in {args.rounds} interleaved rounds of {args.runs} calls" if threads == 1 else
                f"in {args.rounds} interleaved rounds of {args.runs} calls, the fastest round's median"
                + (", one shared thread pool" if shared else ", a thread pool per session"))
-        print(f"ONNX Runtime, batch 1, {size[0]}x{size[1]}, inference form; entries, reference and models timed {how}\n")
+        print(f"{ENGINE} {PRECISION}, batch 1, {size[0]}x{size[1]}, inference form; entries, references and models "
+              f"timed {how}\n")
         stats = list(a)
         print("| model | " + " | ".join(f"predicted ms ({k}) | measured ms ({k}) | error" for k in stats) + " |")
         print("|---|" + "---:|---:|---:|" * len(stats))
@@ -179,7 +188,8 @@ def main(argv=None) -> int:
                                               for c in cells) + " |")
         for k in stats:
             s = a[k]
-            print(f"\n{k} clock: absolute error median {s['median_abs_error_pct']:.1f}% (released "
+            print(f"\n{k} clock: {s['within_5_pct']:.0f}% of models within +-5%, {s['within_10_pct']:.0f}% within +-10%; "
+                  f"absolute error median {s['median_abs_error_pct']:.1f}% (released "
                   f"{s['released_median_abs_error_pct']:.1f}%, random {s['random_median_abs_error_pct']:.1f}%), "
                   f"worst {s['worst_abs_error_pct']:.1f}%; fixed overhead {s['fixed_overhead_ms']:.2f} ms, "
                   f"scale {s['scale']:.3f}")

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cpubone import create_model
-from cpubone.analysis.latency import measure_onnx, ort_session
+from cpubone.engines import get_engine
+from cpubone.engines.onnxruntime import ort_session
+from cpubone.engines.timing import time_callable
 from cpubone.deploy.export import export_model
 from cpubone.engines.onnx_export import read_metadata
 from cpubone.engines.verify import sample_photos
@@ -91,7 +93,8 @@ def latency_part(tmp: Path, runs: int, rounds: int, calib_count: int) -> Dict[st
     times: Dict[str, List[float]] = {k: [] for k in files}
     for _ in range(rounds):
         for k, p in files.items():
-            times[k].append(measure_onnx(p, (1, 3, 224, 224), threads=1, runs=runs, warmup=5).median_ms)
+            runner = get_engine("onnxruntime", for_load=True).load(p, 1)
+            times[k].append(time_callable(runner.timer(), runs, 5, 1, "onnxruntime").median_ms)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nB0 latency, ONNX Runtime, batch 1, 1 thread, 224x224 (median of {rounds} round medians, {runs} runs)")
     for k, v in med.items():

@@ -56,7 +56,9 @@ def fold_pads(src: Path, dst: Path) -> int:
 def main(argv=None) -> int:
     from cpubone import create_model
     from cpubone.engines.onnx_export import export_onnx
-    from cpubone.analysis.latency import onnx_runner, ort_session, summarize_times, time_callable
+    from cpubone.engines import get_engine
+    from cpubone.engines.onnxruntime import ort_session
+    from cpubone.engines.timing import summarize_times, time_callable
     from cpubone.engines.machine import machine_info
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
         a = ort_session(src, args.threads).run(None, {"input": x})[0]
         b = ort_session(dst, args.threads).run(None, {"input": x})[0]
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
-        runners = {"exported": onnx_runner(src, shape, args.threads), "pads folded": onnx_runner(dst, shape, args.threads)}
+        ort = get_engine("onnxruntime", for_load=True)
+        runners = {"exported": ort.load(src, args.threads).timer(), "pads folded": ort.load(dst, args.threads).timer()}
         times = {k: [] for k in runners}
         per_round = max(1, args.runs // args.rounds)
         for r in range(args.rounds):
