@@ -153,8 +153,8 @@ def _search(args: argparse.Namespace) -> int:
     from ..results import NO_PLOT, optional_plot, write_json
     from ._render import print_json, print_table
 
-    out_dir = check_output_dir(args.out_dir)
-    output = check_output_file(args.output if args.output else out_dir / "design.json")
+    out_dir = check_output_dir(args.out_dir, inputs=[args.lut, args.space])
+    output = check_output_file(args.output if args.output else out_dir / "design.json", inputs=[args.lut, args.space])
     lut = _table(args)
     space = SearchSpace.load(args.space) if args.space else None
     res = search(lut, args.budget_ms, tuple(args.size), args.max_params, space=space, samples=args.samples,

@@ -223,8 +223,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _make_digits(args: argparse.Namespace) -> int:
+    from ..outputs import check_new_dataset_dir
     from ..train.data import write_digits_imagefolder
 
+    check_new_dataset_dir(args.output)  # never mix images into (or overwrite) an existing dataset
     root = write_digits_imagefolder(args.output, size=args.size, val_fraction=args.val_fraction, seed=args.seed)
     print(f"wrote scikit-learn digits as an ImageFolder in {root} (train/, val/; {args.size} px PNGs)")
     return 0

@@ -214,9 +214,10 @@ def export_model(
         raise FileNotFoundError(f"calibration folder not found: {calib_dir}")
     output = Path(output)
     int8_output = (Path(int8_output) if int8_output else output.with_name(output.stem + ".int8.onnx")) if int8 else None
-    check_output_file(output)  # before the model is built and exported: fail in a second, not after minutes
+    inputs = [checkpoint, calib_dir]  # an output that is an input would destroy it
+    check_output_file(output, inputs=inputs)  # before the model is built and exported: fail in a second, not after minutes
     if int8_output is not None:
-        check_output_file(int8_output)
+        check_output_file(int8_output, inputs=[output, *inputs])
     if isinstance(model, str):
         model, saved_labels = load_trained(model, checkpoint)
         labels = labels if labels is not None else saved_labels
@@ -235,7 +236,7 @@ def export_model(
     meta = model_metadata(model, input_size, name=name, labels=labels, dynamic=dynamic)
     # float32 weights, plus about a quarter more for the int8 copy
     need = 4 * sum(p.numel() for p in deploy_model.parameters()) * (5 if int8 else 4) // 4 + 2 ** 20
-    check_output_file(output, need_bytes=need)
+    check_output_file(output, need_bytes=need, inputs=inputs)
     export_onnx(deploy_model, output, input_size, dynamic=dynamic, opset=opset, metadata=meta, name=name)
     cfg = PreprocessConfig.from_metadata(meta)
     report = ExportReport(str(output), name, input_size, dynamic, opset, tolerance)
@@ -243,7 +244,7 @@ def export_model(
         try:
             report.checks = verify_onnx(model, output, cfg, dynamic=dynamic, tolerance=tolerance)
         except ExportVerificationError:
-            failed = output.with_name(output.name + ".failed")
+            failed = check_output_file(output.with_name(output.name + ".failed"), inputs=inputs)
             os.replace(output, failed)  # never leave an unverified file under the requested name
             raise
     if int8:
@@ -271,7 +272,7 @@ def export_tflite_model(model: Union[str, nn.Module], output: Union[str, os.Path
     """
     name = model if isinstance(model, str) else type(model).__name__
     require_converter()
-    check_output_file(output)  # before the conversion, which takes minutes
+    check_output_file(output, inputs=[checkpoint])  # before the conversion, which takes minutes
     if isinstance(model, str):
         model = create_model(model, pretrained=checkpoint if checkpoint is not None else False)
     model.eval()
@@ -285,7 +286,8 @@ def export_tflite_model(model: Union[str, nn.Module], output: Union[str, os.Path
     try:
         report.checks = verify_fp32(runner, model, verification_inputs(PreprocessConfig.from_metadata(meta)), tolerance)
     except EngineVerificationError as e:
-        os.replace(output, output.with_name(output.name + ".failed"))  # no unverified file under the asked name
+        # no unverified file under the asked name
+        os.replace(output, check_output_file(output.with_name(output.name + ".failed"), inputs=[checkpoint]))
         raise ExportVerificationError(str(e)) from None
     meta.update({"cpubone.engine": json.dumps("litert"), "cpubone.precision": json.dumps("fp32")})
     report.metadata_path = str(atomic_write_text(str(output) + ".json", json.dumps(meta, indent=2)))

@@ -52,7 +52,7 @@ from ..engines.timing import check_timing_args, time_interleaved
 from ..engines.verify import photo_samples
 from ..models import create_model, load_config
 from ..models.macs import count_macs, count_params
-from ..outputs import check_output_file
+from ..outputs import atomic_write_text, check_output_file
 from ..progress import StepProgress
 from .units import Unit, make_unit, model_units
 
@@ -122,9 +122,8 @@ class LatencyTable:
     def save(self, path: os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # a kill leaves the old table or the new one, never half of one
+        # a kill leaves the old table or the new one, never half of one; a special file is never replaced
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
         self.path = str(path)
         return path
 
