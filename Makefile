@@ -18,7 +18,7 @@ MOBILE_STAMP := $(MOBILE_VENV)/.cpubone-installed
 # the converter, ONNX Runtime (the reference LiteRT is timed against), bench's plots and the test tools
 MOBILE_EXTRAS := mobile,bench,deploy,test
 
-.PHONY: bench test setup clean mobile test-mobile
+.PHONY: bench test setup clean mobile test-mobile docs
 
 # $(call venv,DIR,EXTRAS): a venv in DIR with torch as pinned above, then cpubone[EXTRAS] in editable mode
 define venv
@@ -50,6 +50,11 @@ RERUN_CRASHED := --reruns 1 --only-rerun "worker .* crashed while running"
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $$(nproc) --durations=15 -m "not own_process" $(RERUN_CRASHED) $(ARGS)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m own_process $(ARGS) || [ $$? -eq 5 ]
+
+# the documentation site (mkdocs.yml over docs/, the API reference generated from the docstrings) into site/;
+# strict: a broken link, a missing heading or a reference to a missing object fails the build
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -d site
 
 mobile: $(MOBILE_STAMP)
 

@@ -88,6 +88,30 @@ def test_deploy_picks_the_fastest_that_agrees(trained_nano, digits_folder, fakes
     assert not (out / ".candidates").exists()
 
 
+def test_deploy_torch_free_chooses_among_files_that_run_without_torch(trained_nano, digits_folder, fakes, tmp_path):
+    """Each candidate says what the device installs; --torch-free leaves out a faster file that needs torch."""
+    model, _, _ = trained_nano
+    register_engine(type("fast_torch", (_Fake,), dict(name="fast_torch", title="fast_torch", delay=0.0,
+                                                       torch_free=False, load_packages=("torch",))))
+    register_engine(type("slow_free", (_Fake,), dict(name="slow_free", title="slow_free", delay=0.02,
+                                                      load_packages=("onnxruntime",))))
+    kw = dict(val_dir=digits_folder / "val", engines=["fast_torch", "slow_free"], precisions=["fp32"], val_count=20,
+              runs=4, warmup=1, rounds=2, log=lambda s: None)
+    res = deploy_model(model, tmp_path / "any", **kw)
+    by = {c.engine: c for c in res.candidates}
+    assert res.chosen.engine == "fast_torch" and by["fast_torch"].device["torch_free"] is False
+    assert by["fast_torch"].device["packages"] == ["numpy", "pillow", "rich", "torch"]
+    assert by["slow_free"].device["torch_free"] is True and "onnxruntime" in by["slow_free"].device["packages"]
+    assert by["slow_free"].device["installed_mb"] < by["fast_torch"].device["installed_mb"]  # measured here
+    res = deploy_model(model, tmp_path / "free", torch_free=True, **kw)
+    by = {c.engine: c for c in res.candidates}
+    assert res.chosen.engine == "slow_free"
+    assert by["fast_torch"].status == "skipped" and "needs torch on the device" in by["fast_torch"].reason
+    report = (tmp_path / "free" / "deploy.md").read_text()
+    assert "runs without torch" in report and "numpy pillow rich onnxruntime" in report
+    assert json.loads((tmp_path / "free" / "deploy.json").read_text())["candidates"][1]["device"]["torch_free"]
+
+
 def test_deploy_errors(trained_nano, fakes, tmp_path):
     model, _, _ = trained_nano
     with pytest.raises(FileNotFoundError, match="calibration folder not found: nowhere"):

@@ -361,3 +361,29 @@ print("ok")
         out = subprocess.run([sys.executable, "-c", code, mode], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (mode, out.stderr[-2000:])
+
+
+def test_design_then_deploy_end_to_end_on_a_tiny_budget(tmp_path):
+    """A design searched in a table of ONNX Runtime fp32 goes through `cpubone deploy DESIGN.json --engine
+    onnxruntime --precision fp32`: the deployed file is that engine's, runs the design at its size, and
+    `design predict` reads the same table for it (the latency ratio itself is benchmarks/design_deploy.py's)."""
+    units = released_units(SIZE) + space_units(TINY, SIZE)
+    path = tmp_path / "ort.json"
+    table = build_lut(space_units(TINY, SIZE), path, runs=2, warmup=1, progress=False, sizes=[SIZE])
+    res = search(table, 1e3, SIZE, space=TINY, samples=30, mutations=10, name="tiny_design")
+    assert res.best is not None and units
+    from cpubone.models import save_config
+
+    design = save_config(res.best.config, tmp_path / "design.json")
+    out = tmp_path / "deployed"
+    assert main(["deploy", str(design), "--engine", "onnxruntime", "--precision", "fp32", "--runs", "3",
+                 "-o", str(out)]) == 0
+    meta = json.loads((out / "model.onnx.json").read_text())
+    assert json.loads(meta["cpubone.engine"]) == "onnxruntime" and json.loads(meta["cpubone.precision"]) == "fp32"
+    assert json.loads(meta["input_size"]) == [3, 64, 64]
+    from cpubone.engines import load_artifact
+
+    import numpy as np
+
+    assert load_artifact(out / "model.onnx")(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, 1000)
+    assert predict(str(design), load_lut(path)).latency_ms == pytest.approx(res.best.latency_ms, rel=1e-6)

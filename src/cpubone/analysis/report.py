@@ -109,7 +109,8 @@ def write_bench_report(result, out_dir: Path) -> Dict[str, str]:
         "precision in this run; "
         f"median of {result.runs} runs after {result.warmup} warm-up runs, in {result.rounds} interleaved rounds; "
         "random weights",
-        f"- fp32 GEMM peak: {result.peak.gmacps:.1f} GMAC/s ({result.peak.method}, {result.peak.threads} thread(s))",
+        *[f"- {p} GEMM peak: {pk.gmacps:.1f} GMAC/s ({pk.method}, {pk.threads} thread(s)); the % of peak of {p} "
+          f"rows is against it" for p, pk in (result.peaks or {"fp32": result.peak}).items()],
         "", markdown_table(rows, BENCH_COLUMNS),
         "MACs: `cpubone.models.macs.count_macs` (multiply-adds of convs, linears and attention matmuls). "
         "GMAC/s = MACs / median latency. Reparameterizable models are timed in deploy form "

@@ -72,7 +72,8 @@ def _bench(args: argparse.Namespace) -> int:
     except ResultsNotWritten as e:  # measured, not saved: show the figures before the error
         res, late_error = e.result, e
     print(res.machine.header(res.threads))
-    print(f"fp32 GEMM peak: {res.peak.gmacps:.1f} GMAC/s ({res.peak.method})")
+    for precision, pk in (res.peaks or {"fp32": res.peak}).items():
+        print(f"{precision} GEMM peak: {pk.gmacps:.1f} GMAC/s ({pk.method})")
     many = len({(r.engine, r.precision) for r in res.rows}) > 1
     rows = [dict(model=r.model, **(dict(engine=r.engine, precision=r.precision, ratio=r.ratio) if many else {}),
                  params=r.params, MACs=r.macs, median_ms=r.median_ms, p10_ms=r.p10_ms,

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-count", type=int, default=64, help="calibration images to use (default 64)")
     p.add_argument("--val-count", type=int, default=500, help="validation images to use (default 500)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per candidate (default 30)")
+    p.add_argument("--torch-free", action="store_true",
+                   help="choose only among files that run without torch on the device (ONNX Runtime, OpenVINO, "
+                        "LiteRT, ncnn)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the model and report to")
     p.set_defaults(func=_deploy)
 
@@ -45,14 +48,18 @@ def _deploy(args: argparse.Namespace) -> int:
                        engines=engines, precisions=parse_precisions(args.precision), threads=args.threads,
                        input_size=tuple(args.size) if args.size else None, min_agreement=args.min_agreement / 100,
                        max_drop=args.max_drop, calib_count=args.calib_count, val_count=args.val_count,
-                       runs=args.runs, machine=machine_info().header(args.threads))
+                       runs=args.runs, machine=machine_info().header(args.threads), torch_free=args.torch_free)
     print(machine_info().header(args.threads))
     print_table([dict(engine=c.engine, precision=c.precision, status=c.status,
                       median_ms=c.latency.median_ms if c.latency else None, ratio=c.ratio,
                       agreement=f"{c.agreement.top1_agreement:.1%}" if c.agreement else "",
-                      reason=c.reason[:70]) for c in res.candidates],
+                      torch_free="yes" if c.device.get("torch_free") else "no",
+                      device_mb=c.device.get("installed_mb"), reason=c.reason[:70]) for c in res.candidates],
                 title=f"{res.model}: agreement on {res.evaluated_on}")
-    print(f"chosen: {res.chosen.label} -> {res.artifact}")
+    needs = res.chosen.device
+    print(f"chosen: {res.chosen.label} -> {res.artifact}; the device needs: "
+          f"pip install {' '.join(map(str, needs.get('packages', [])))}"
+          + ("" if needs.get("torch_free") else " (torch: give --torch-free for a file that runs without it)"))
     print(f"run it: {res.command}")
     print("written: " + ", ".join(res.files.values()))
     return 0

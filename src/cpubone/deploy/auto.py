@@ -68,6 +68,8 @@ class Candidate:
     latency: Optional[LatencyResult] = None
     ratio: Optional[float] = None  # median latency / the first kept candidate's
     info: Dict[str, object] = field(default_factory=dict)
+    # what the device must install to run the file (``Engine.device_needs``): packages, torch or not, size
+    device: Dict[str, object] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -76,7 +78,8 @@ class Candidate:
     def to_dict(self) -> Dict[str, object]:
         return dict(engine=self.engine, precision=self.precision, status=self.status, reason=self.reason,
                     max_abs_diff=self.max_abs_diff, agreement=self.agreement.to_dict() if self.agreement else None,
-                    latency=self.latency.to_dict() if self.latency else None, ratio=self.ratio, info=self.info)
+                    latency=self.latency.to_dict() if self.latency else None, ratio=self.ratio, info=self.info,
+                    device=self.device)
 
 
 @dataclass
@@ -172,6 +175,7 @@ def deploy_model(
     rounds: int = 5,
     machine: str = "",
     log: Callable[[str], None] = print,
+    torch_free: bool = False,
 ) -> DeployResult:
     """Try every engine x precision, keep the verified ones, write the fastest to ``output_dir``.
 
@@ -185,6 +189,8 @@ def deploy_model(
         min_agreement / max_drop: keep a candidate whose top-1 agreement with the training form is at least
             ``min_agreement`` and whose accuracy drops at most ``max_drop`` points on a labelled ``val_dir``.
         machine: a line naming the machine, written into the report.
+        torch_free: choose only among files that run without torch on the device (ONNX Runtime, OpenVINO,
+            LiteRT, ncnn): torch is the heaviest thing a Raspberry Pi installs.
     """
     from ..models import create_model
     from .export import model_metadata
@@ -236,10 +242,13 @@ def deploy_model(
         for precision in precisions:
             if precision not in cls.precisions:
                 continue
-            c = Candidate(engine, precision)
+            c = Candidate(engine, precision, device=cls.device_needs())
             candidates.append(c)
             if not cls.suffix:
                 c.reason = "writes no file to deploy"
+                continue
+            if torch_free and not cls.torch_free:
+                c.reason = "its file needs torch on the device (--torch-free)"
                 continue
             if precision == "int8" and not calib:
                 c.reason = "int8 needs calibration images"
@@ -311,18 +320,22 @@ def _write_artifact(runner, output_dir: Path, meta: Dict[str, str], chosen: Cand
 def _write_report(result: DeployResult, output_dir: Path, machine: str) -> Dict[str, str]:
     rows = []
     for c in result.candidates:
-        a = c.agreement
+        a, d = c.agreement, c.device
         rows.append([c.engine, c.precision, c.status + (" (chosen)" if c is result.chosen else ""),
                      f"{c.latency.median_ms:.2f}" if c.latency else "", f"{c.ratio:.2f}" if c.ratio else "",
                      f"{a.top1_agreement:.1%}" if a else "", f"{a.accuracy:.1f}" if a and a.accuracy is not None else "",
-                     f"{c.max_abs_diff:.1e}" if c.max_abs_diff is not None else "", c.reason])
+                     f"{c.max_abs_diff:.1e}" if c.max_abs_diff is not None else "",
+                     "yes" if d.get("torch_free") else "no", " ".join(map(str, d.get("packages", []))),
+                     f"{d['installed_mb']:.0f}" if d.get("installed_mb") is not None else "?", c.reason])
     head = ["engine", "precision", "status", "median ms", "ratio", "top-1 agreement", "accuracy %", "fp32 max diff",
-            "reason"]
+            "runs without torch", "device installs", "installed MB (here)", "reason"]
     lines = [f"# cpubone deploy: {result.model}", "", f"Machine: {machine}" if machine else "",
              f"Batch 1, {result.threads} thread(s); agreement judged on {result.evaluated_on}; "
              f"kept when top-1 agreement >= {result.thresholds['min_agreement']:.0%} and accuracy drop <= "
              f"{result.thresholds['max_drop']:g} points. Ratios are to the first kept row, timed in the same "
-             f"interleaved rounds.", "",
+             f"interleaved rounds. What the device installs to run each file with `cpubone predict` (and the size of "
+             f"those packages with what they require, as installed on this machine; `--torch-free` chooses only "
+             f"among files that run without torch).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", f"Chosen: **{result.chosen.label}** -> `{result.artifact}`", "", "Run it:", "",

@@ -1,6 +1,6 @@
 """Training, evaluation and prediction for RetinaNet detection and Semantic FPN segmentation.
 
-Training runs on the one training engine (``cpubone.train.loop``, tasks in ``tasks.py``): torchrun DDP,
+Training runs on the one training loop (``cpubone.train.loop``, tasks in ``tasks.py``): torchrun DDP,
 AMP, accumulation, the same atomic full-state checkpoints and exact resume as classification. The schedules
 are timm's (``MultiStepLRScheduler`` for the 1x schedule, ``PolyLRScheduler`` for 40k iterations) updated
 every iteration, the optimizer timm's ``create_optimizer_v2`` (no weight decay on norms and biases).
@@ -17,6 +17,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..images import decode_image
+from ..models.checkpoints import CheckpointError, atomic_torch_save
+from ..train.loop import load_training_state, resolve_checkpoint, run
 from .detection import DETECTION_PRESETS, create_retinanet
 from .evaluate import (
     coco_split,
@@ -26,6 +29,7 @@ from .evaluate import (
 )
 from .segmentation import SEGMENTATION_PRESETS, create_semantic_fpn
 from .tasks import DetectionTask, SegmentationTask
+from .visualize import draw_detections, draw_segmentation, save_png
 
 __all__ = [
     "DetectionTrainConfig", "SegmentationTrainConfig", "coco_split", "train_detection", "evaluate_detection",
@@ -125,8 +129,6 @@ def _resolve(cfg: Any, preset: Any) -> Dict[str, Any]:
 # --- shared pieces ------------------------------------------------------------------------------
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
     """Atomic ``torch.save`` (temp file, fsync, rename): a crash never leaves a half-written checkpoint."""
-    from ..models.checkpoints import atomic_torch_save
-
     return atomic_torch_save(state, path)
 
 
@@ -149,8 +151,6 @@ def _describe_foreign(state: Any) -> str:
 
 
 def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
-    from ..models.checkpoints import CheckpointError
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -179,7 +179,7 @@ def _read_checkpoint(path: PathLike) -> Dict[str, Any]:
 
 # --- detection ----------------------------------------------------------------------------------
 def train_detection(cfg: DetectionTrainConfig, log: Optional[Log] = None) -> Dict[str, Any]:
-    """Train RetinaNet on the training engine; returns the final validation metrics (COCO AP...), the
+    """Train RetinaNet on the training loop; returns the final validation metrics (COCO AP...), the
     training's skipped-image count and where the final weights are.
 
     Writes ``<output>/last.pt`` (resumable training state) after every epoch (and every ``checkpoint_every``
@@ -192,8 +192,6 @@ def train_detection(cfg: DetectionTrainConfig, log: Optional[Log] = None) -> Dic
 
 
 def _train(task, log: Optional[Log]) -> Dict[str, Any]:
-    from ..train.loop import load_training_state, resolve_checkpoint, run
-
     c = task.c
     resume, resume_path = None, ""
     if c["resume"]:
@@ -210,7 +208,7 @@ def _train(task, log: Optional[Log]) -> Dict[str, Any]:
 
 # --- segmentation -------------------------------------------------------------------------------
 def train_segmentation(cfg: SegmentationTrainConfig, log: Optional[Log] = None) -> Dict[str, Any]:
-    """Train Semantic FPN on the training engine; returns the final validation metrics (mIoU, aAcc, mAcc,
+    """Train Semantic FPN on the training loop; returns the final validation metrics (mIoU, aAcc, mAcc,
     per-class IoU), the training's skipped-image count and where the final weights are.
 
     Writes ``<output>/last.pt`` (resumable) every ``eval_every`` iterations (and every ``checkpoint_every``),
@@ -229,8 +227,6 @@ def _checkpoint_file(path: Path) -> Path:
     for name in ("model.pt", "last.pt"):
         if (path / name).is_file():
             return path / name
-    from ..models.checkpoints import CheckpointError
-
     if (path / "model.safetensors").is_file():
         raise CheckpointError(f"{path}: a saved image classifier (model.safetensors), not a detect/segment "
                               f"checkpoint")
@@ -245,8 +241,6 @@ def load_downstream_model(path: PathLike, task: Optional[str] = None) -> Tuple[n
         task: "detect" or "segment" to insist on one; anything else (a classifier's checkpoint, the other
             task's) raises ``CheckpointError`` saying what the file is and what was expected.
     """
-    from ..models.checkpoints import CheckpointError
-
     if task not in (None, *_TASK_NAMES):
         raise ValueError(f"task={task!r}: expected 'detect' or 'segment'")
     wanted = (f"; expected a {_TASK_NAMES[task]} checkpoint (model.pt or last.pt from cpubone {task} train)"
@@ -283,8 +277,6 @@ def load_downstream_model(path: PathLike, task: Optional[str] = None) -> Tuple[n
 
 def _read_image(path: PathLike) -> torch.Tensor:
     """(3, H, W) uint8 from the shared decoder, as the datasets read their images."""
-    from ..images import decode_image
-
     return torch.from_numpy(np.asarray(decode_image(path)).copy()).permute(2, 0, 1)
 
 
@@ -293,8 +285,6 @@ def predict_detection(checkpoint: PathLike, image: PathLike, output: PathLike,
                       score_thresh: float = 0.3) -> List[Dict[str, Any]]:
     """Detect objects in ``image`` and write a PNG with the boxes and labelled tags drawn
     (``visualize.draw_detections``); returns the kept detections, boxes in the image's pixels."""
-    from .visualize import draw_detections, save_png
-
     model, c = load_downstream_model(checkpoint, task="detect")
     img = _read_image(image)
     model.score_thresh = min(model.score_thresh, score_thresh)  # RetinaNet's own candidate threshold (0.05)
@@ -311,8 +301,6 @@ def predict_segmentation(checkpoint: PathLike, image: PathLike, output: PathLike
                          alpha: float = 0.5) -> Dict[str, float]:
     """Segment ``image`` and write a PNG with the classes tinted and outlined and a legend
     (``visualize.draw_segmentation``); returns each class's pixel share, largest first."""
-    from .visualize import draw_segmentation, save_png
-
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}: the mask opacity must be in [0, 1]")
     model, c = load_downstream_model(checkpoint, task="segment")

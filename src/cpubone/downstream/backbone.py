@@ -11,6 +11,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.ops import FeaturePyramidNetwork
+
+from ..models import create_model
 
 __all__ = ["create_feature_backbone", "BackboneWithFPN", "backbone_mean_std"]
 
@@ -33,8 +37,6 @@ def create_feature_backbone(
             stride 2, CPUBone's is stride 4), so levels are chosen by stride, not by index.
         pretrained: as ``cpubone.create_model`` (False, True for hub weights, or a checkpoint path).
     """
-    from .. import create_model
-
     model = create_model(name, pretrained=pretrained, features_only=True)
     red = _reductions(model)
     missing = [s for s in strides if s not in red]
@@ -52,8 +54,6 @@ def create_feature_backbone(
 
 def backbone_mean_std(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """The normalisation the backbone was (pre)trained with; ImageNet's when the model does not say."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     for m in (model, getattr(model, "model", None)):
         cfg = getattr(m, "pretrained_cfg", None) or {}
         if cfg.get("mean") and cfg.get("std"):
@@ -74,8 +74,6 @@ class BackboneWithFPN(nn.Module):
     def __init__(self, backbone: nn.Module, out_channels: int = 256, extra_blocks: Optional[nn.Module] = None,
                  level_names: Optional[Sequence[str]] = None) -> None:
         super().__init__()
-        from torchvision.ops import FeaturePyramidNetwork
-
         self.body = backbone
         self.in_channels_list: List[int] = list(backbone.feature_info.channels())
         self.strides: List[int] = _reductions(backbone)

@@ -7,17 +7,36 @@ All timings go through the project's latency harness (``cpubone.engines.timing``
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from ..engines import check_run_args
+from ..engines import (
+    EngineError,
+    check_run_args,
+    engine_class,
+    get_engine,
+    inference_form,
+)
 from ..engines.eager import measure_eager, torch_threads
 from ..engines.machine import machine_info, usable_threads
 from ..engines.timing import time_callable, time_interleaved
+from ..engines.verify import (
+    SKIMAGE_PHOTOS,
+    check_outputs,
+    judge_fp32,
+    photo_samples,
+    sample_photos,
+    torch_reference,
+    verification_inputs,
+)
+from ..models import resolve_model_name
 from ..models.macs import count_macs, count_params
+from ..models.reparam import reparameterize_blocks
+from ..preprocess import PreprocessConfig
 from ..progress import StepProgress
 from .detection import RetinaNetRaw, create_retinanet
 from .presets import DEFAULT_PEERS
@@ -27,10 +46,8 @@ __all__ = ["machine_name", "bench_detection", "bench_segmentation", "DEFAULT_PEE
            "inference_network", "EngineRow", "EngineSkip", "DownstreamEnginesResult", "bench_engines"]
 
 
-
 def machine_name() -> str:
     """The CPU model (and usable core count) the numbers were measured on."""
-
     info = machine_info()
     return f"{info.cpu} ({info.usable_cpus} usable cores)"
 
@@ -38,9 +55,6 @@ def machine_name() -> str:
 def _onnx_ms(model: torch.nn.Module, size: int, threads: int, runs: int, warmup: int) -> Dict[str, Any]:
     """Prepare in ONNX Runtime (``cpubone.engines``), check against eager on one input, and time. Failures are
     reported, not raised."""
-    from ..engines import get_engine
-    from ..engines.verify import check_outputs, torch_reference
-
     try:
         runner = get_engine("onnxruntime").prepare(model, (1, 3, size, size), "fp32", threads)
         x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
@@ -114,8 +128,6 @@ def build_network(task: str, backbone: str, size: int, num_classes: Optional[int
     segment: the whole Semantic FPN, which normalises inside, fed images in [0, 1].
     ``channels``: the Semantic FPN head width; ``num_classes``: 80 (COCO) / 150 (ADE20K) when None.
     """
-    from ..preprocess import PreprocessConfig
-
     torch.manual_seed(seed)
     if task == "detect":
         det = create_retinanet(backbone, num_classes or 80, fpn_channels=fpn_channels, min_size=size,
@@ -137,15 +149,9 @@ def inference_network(net: torch.nn.Module, backbone: str) -> torch.nn.Module:
     """A copy of ``net`` in the form it is deployed in: a CPUBone backbone in its inference form
     (``cpubone.models.reparam.reparameterize_blocks``), a peer with its train-time branches folded
     (``cpubone.engines.inference_form``, a no-op for most). The FPN and heads are plain convs either way."""
-    from ..models import resolve_model_name
-
     net = copy.deepcopy(net).eval()
     if resolve_model_name(backbone).source in ("cpubone", "config"):
-        from ..models.reparam import reparameterize_blocks
-
         return reparameterize_blocks(net)
-    from ..engines import inference_form
-
     return inference_form(net)
 
 
@@ -240,10 +246,6 @@ class _Entry:
 def _one_line(e: BaseException) -> str:
     """An error as one line: our own messages as they are, others prefixed with their type; the temporary
     folder an engine wrote its file to is left out (it is gone when the report is read)."""
-    import re
-
-    from ..engines import EngineError
-
     lines = str(e).strip().splitlines()
     msg = re.sub(r"\S*cpubone-\w+-\w+[/\\]", "", lines[0]) if lines else ""
     return (msg if isinstance(e, EngineError) and msg else f"{type(e).__name__}: {msg}")[:300]
@@ -253,17 +255,6 @@ def _prepare_network(task: str, backbone: str, engines: Sequence[str], precision
                      threads: int, net_kwargs: Dict[str, Any], photos: int, skipped: List[EngineSkip]) -> List[_Entry]:
     """Build ``backbone``'s network of ``task``, prepare it in every engine x precision and check each against
     eager PyTorch; what cannot be prepared, run or verified goes to ``skipped``."""
-    from ..engines import EngineError, engine_class, get_engine
-    from ..engines.verify import (
-        SKIMAGE_PHOTOS,
-        check_outputs,
-        judge_fp32,
-        photo_samples,
-        sample_photos,
-        torch_reference,
-        verification_inputs,
-    )
-
     def skip(engine: str, precision: str, status: str, reason: str, rel: Optional[float] = None) -> None:
         skipped.append(EngineSkip(task, backbone, engine, precision, status, reason, rel))
 

@@ -31,7 +31,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from ..images import (
     IMAGE_EXTENSIONS,
@@ -91,6 +93,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, image_dir: PathLike, ann_file: PathLike,
                  transforms: Optional[Callable] = None) -> None:
+        # optional: pip install 'cpubone[downstream]'
         from pycocotools.coco import COCO
 
         self.image_dir = Path(image_dir)
@@ -129,8 +132,6 @@ class CocoDetection(torch.utils.data.Dataset):
         return {"boxes": boxes, "labels": labels, "image_id": torch.tensor(img_id)}
 
     def __getitem__(self, index: int):
-        from torchvision import tv_tensors
-
         info = self.coco.imgs[self.ids[index]]
         path = self.image_dir / info["file_name"]
         img = _load_rgb(path)
@@ -314,8 +315,6 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return mask
 
     def __getitem__(self, index: int):
-        from torchvision import tv_tensors
-
         img_path, mask_path = self.samples[index]
         img = _load_rgb(img_path)
         if img is None:
@@ -371,8 +370,6 @@ def photometric_distortion(p: float = 0.5):
     """mmseg's PhotoMetricDistortion in v2 terms: brightness +-32/255, contrast and saturation x[0.5, 1.5],
     hue +-0.05 (applied with probability ``p``). Unlike v2.RandomPhotometricDistort (SSD's), it never
     permutes the colour channels, which would turn a red object into a blue one."""
-    from torchvision.transforms import v2
-
     return v2.RandomApply([v2.ColorJitter(brightness=32 / 255, contrast=(0.5, 1.5), saturation=(0.5, 1.5),
                                           hue=0.05)], p=p)
 
@@ -381,8 +378,6 @@ def detection_transforms(train: bool, scale_jitter: Optional[Tuple[int, int]] = 
     """Images to float [0, 1]; training adds photometric distortion and horizontal flip (mmdet's 1x pipeline
     flips; resizing to ``min_size``/``max_size`` is done inside RetinaNet). ``scale_jitter`` = (min, max)
     shorter side adds multi-scale training."""
-    from torchvision.transforms import v2
-
     ops: List[Any] = []
     if train:
         if photometric:
@@ -404,9 +399,6 @@ def segmentation_transforms(train: bool, crop_size: int = 512, base_size: int = 
     (padded with 0 / ``ignore_index`` where the image is smaller), horizontal flip, photometric distortion.
     Evaluation: shorter side to ``base_size`` (the prediction is resized back to the original mask).
     """
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
-
     ops: List[Any] = []
     if train:
         ops += [
@@ -453,8 +445,6 @@ def synthetic_scene(rng: np.random.Generator, size: int = 128, num_classes: int 
 
     Object sides are ``min_frac``..``max_frac`` of ``size``; colours are jittered so the task is not a lookup.
     """
-    from PIL import ImageDraw
-
     if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
         raise ValueError(f"num_classes={num_classes}: the synthetic set has 1..{len(SYNTHETIC_CLASSES)} classes")
     base = rng.integers(60, 180, size=3)
@@ -494,6 +484,7 @@ def write_synthetic_coco(root: PathLike, num_images: int = 200, size: int = 128,
                          seed: int = 0, split: str = "train", max_objects: int = 3) -> Path:
     """Write a COCO-format detection set: ``root/images/<split>/*.png`` and ``root/annotations/instances_<split>.json``
     (boxes, areas, RLE masks). Returns the JSON path."""
+    # optional: pip install 'cpubone[downstream]'
     from pycocotools import mask as mask_utils
 
     root = Path(root)

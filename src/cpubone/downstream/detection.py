@@ -6,10 +6,15 @@ builds the backbone/FPN it runs on, the 5-level anchor generator, and the traini
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any, Sequence, Union
 
 import torch
 import torch.nn as nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .backbone import BackboneWithFPN, backbone_mean_std, create_feature_backbone
 from .presets import DETECTION_PRESETS, DetectionPreset
@@ -24,8 +29,6 @@ def retinanet_anchor_generator(strides: Sequence[int] = RETINANET_STRIDES, octav
                                aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)):
     """RetinaNet's anchors: per level, sizes ``octave_base_scale * stride * 2**(i/scales_per_octave)`` (32-512 px
     for strides 8-128) at each aspect ratio, 9 anchors per location."""
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-
     sizes = tuple(tuple(octave_base_scale * s * 2 ** (i / scales_per_octave) for i in range(scales_per_octave))
                   for s in strides)
     return AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
@@ -56,9 +59,6 @@ def create_retinanet(
             starts from random weights. The paper's setup (mmdet RetinaNet) has none.
         kwargs: passed to ``torchvision.models.detection.RetinaNet`` (``nms_thresh``, ``topk_candidates``...).
     """
-    from torchvision.models.detection import RetinaNet
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-
     body = create_feature_backbone(backbone, strides=(8, 16, 32), pretrained=pretrained_backbone)
     c5 = body.feature_info.channels()[-1]
     # P6 from C5 (mmdet's add_extra_convs='on_input'), P7 from ReLU(P6)
@@ -66,10 +66,6 @@ def create_retinanet(
                           level_names=("p3", "p4", "p5"))
     mean, std = backbone_mean_std(body)
     if head_norm:
-        from functools import partial
-
-        from torchvision.models.detection.retinanet import RetinaNetHead
-
         kwargs["head"] = RetinaNetHead(fpn_channels, 9, num_classes, norm_layer=partial(nn.GroupNorm, 32 if fpn_channels % 32 == 0 else 1))
     model = RetinaNet(fpn, num_classes, min_size=min_size, max_size=max_size, image_mean=list(mean),
                       image_std=list(std), anchor_generator=retinanet_anchor_generator(),

@@ -37,6 +37,7 @@ def coco_detection_metrics(coco_gt, results: List[Dict[str, Any]],
     Values are in [0, 1]; an area range without any ground-truth object gives -1 (pycocotools' convention),
     a category without any ground-truth object NaN. No detections at all gives 0 wherever there are objects.
     """
+    # optional: pip install 'cpubone[downstream]'
     from pycocotools.cocoeval import COCOeval
 
     ids = list(image_ids) if image_ids is not None else sorted(coco_gt.getImgIds())
@@ -44,6 +45,7 @@ def coco_detection_metrics(coco_gt, results: List[Dict[str, Any]],
         if results:
             dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds keys to the entries
         else:
+            # optional: pip install 'cpubone[downstream]'
             from pycocotools.coco import COCO
 
             dt = COCO()

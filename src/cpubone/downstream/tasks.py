@@ -1,6 +1,6 @@
-"""RetinaNet detection and Semantic FPN segmentation as tasks of the training engine (``cpubone.train.loop``).
+"""RetinaNet detection and Semantic FPN segmentation as tasks of the training loop (``cpubone.train.loop``).
 
-The engine gives both what classification has: torchrun DDP, AMP, gradient accumulation, atomic full-state
+The loop gives both what classification has: torchrun DDP, AMP, gradient accumulation, atomic full-state
 checkpoints with exact resume after SIGKILL, NaN stop, logs and curves. The tasks supply the model, the
 optimizer and schedule of their preset, the data and the evaluation:
 
@@ -21,9 +21,24 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import MultiStepLRScheduler, PolyLRScheduler
 
 from ..train.data import SeededSamples, StreamSampler
 from ..train.loop import Dist, Task, save_training_state, seed_all
+from .datasets import (
+    IGNORE_INDEX,
+    AnnotationError,
+    CocoDetection,
+    SegmentationFolder,
+    collate_skip,
+    detection_transforms,
+    segmentation_transforms,
+)
+from .detection import create_retinanet
+from .evaluate import coco_split, evaluate_detection, evaluate_segmentation
+from .presets import DETECTION_PRESETS
+from .segmentation import create_semantic_fpn
 
 __all__ = ["DetectionTask", "SegmentationTask", "MODEL_FILE"]
 
@@ -31,8 +46,6 @@ MODEL_FILE = "model.pt"
 
 
 def _optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9):
-    from timm.optim import create_optimizer_v2
-
     kwargs = {"momentum": momentum} if opt.lower() in ("sgd", "momentum", "nesterov") else {}
     return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
 
@@ -66,8 +79,6 @@ class _DownstreamTask(Task):
         self.micro = c["batch_size"] // world
         self.data = SeededSamples(train_ds, c["seed"])
         self.sampler = StreamSampler(len(train_ds), c["batch_size"], d.world, d.rank, c["seed"])
-        from .datasets import collate_skip
-
         self.loader = torch.utils.data.DataLoader(
             self.data, batch_size=self.micro, sampler=self.sampler, num_workers=c["workers"], collate_fn=collate_skip,
             generator=torch.Generator().manual_seed(c["seed"]), persistent_workers=False)
@@ -105,13 +116,6 @@ class DetectionTask(_DownstreamTask):
     curve_keys = ("AP", "AP50")
 
     def setup(self, d: Dist, log) -> None:
-        from timm.scheduler import MultiStepLRScheduler
-
-        from .datasets import AnnotationError, CocoDetection, detection_transforms
-        from .detection import create_retinanet
-        from .evaluate import coco_split
-        from .presets import DETECTION_PRESETS
-
         c = self.c
         _check_positive(c, ("epochs", "batch_size", "accum_steps", "eval_every"))
         self.d = d
@@ -161,8 +165,6 @@ class DetectionTask(_DownstreamTask):
         return sum(losses.values()), len(images)
 
     def evaluate(self, model: nn.Module, ema: Optional[nn.Module], epoch: int) -> Tuple[Dict[str, Any], Optional[float], str]:
-        from .evaluate import evaluate_detection
-
         c = self.c
         due = (epoch + 1) % c["eval_every"] == 0 or epoch + 1 == c["epochs"]
         if self.val_ds is None or not due or not self.d.main:
@@ -183,11 +185,6 @@ class SegmentationTask(_DownstreamTask):
     curve_keys = ("mIoU", "aAcc")
 
     def setup(self, d: Dist, log) -> None:
-        from timm.scheduler import PolyLRScheduler
-
-        from .datasets import SegmentationFolder, segmentation_transforms
-        from .segmentation import create_semantic_fpn
-
         c = self.c
         _check_positive(c, ("iters", "batch_size", "accum_steps", "eval_every", "crop_size", "base_size"))
         self.d = d
@@ -222,16 +219,12 @@ class SegmentationTask(_DownstreamTask):
         return min(self.c["eval_every"], self.c["iters"] - epoch * self.c["eval_every"])
 
     def loss(self, model: nn.Module, batch: Any, ema: Optional[nn.Module], progress: float) -> Tuple[torch.Tensor, int]:
-        from .datasets import IGNORE_INDEX
-
         images, masks = batch
         dev = self.d.device
         logits = model(torch.stack(images).to(dev))
         return F.cross_entropy(logits.float(), torch.stack(masks).to(dev), ignore_index=IGNORE_INDEX), len(images)
 
     def evaluate(self, model: nn.Module, ema: Optional[nn.Module], epoch: int) -> Tuple[Dict[str, Any], Optional[float], str]:
-        from .evaluate import evaluate_segmentation
-
         if self.val_ds is None or not self.d.main:
             return {}, None, "model"
         m = evaluate_segmentation(model, self.val_ds, base_size=self.c["base_size"])

@@ -54,7 +54,7 @@ def _named_colour(name: str) -> Optional[RGB]:
 
 def _palette() -> List[RGB]:
     try:
-        import matplotlib
+        import matplotlib  # optional here: without it the palette is empty and classes take evenly spread hues
 
         return [tuple(round(255 * v) for v in matplotlib.colormaps[m](i)[:3])
                 for m in ("tab20", "tab20b", "tab20c") for i in range(20)]

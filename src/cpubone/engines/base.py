@@ -21,7 +21,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 __all__ = ["PRECISIONS", "Engine", "Runner", "NodeTime", "EngineError", "ExportError", "MissingExtraError",
-           "check_threads", "cache_dir"]
+           "check_threads", "cache_dir", "PREDICTOR_PACKAGES", "install_footprint"]
+
+# what `cpubone predict` itself imports on a device, besides the runtime (the torch-free predictor)
+PREDICTOR_PACKAGES = ("numpy", "pillow", "rich")
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -56,6 +59,49 @@ def _versions(modules: Sequence[str]) -> str:
         except importlib.metadata.PackageNotFoundError:
             out.append(f"{m} ?")
     return ", ".join(out)
+
+
+def _requirement_names(dist: importlib.metadata.Distribution) -> List[str]:
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    out = []
+    for line in dist.requires or []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.marker is None or req.marker.evaluate({"extra": ""}):  # what a plain install pulls in
+            out.append(req.name)
+    return out
+
+
+def install_footprint(packages: Sequence[str]) -> Tuple[List[str], Optional[int]]:
+    """The distributions ``pip install PACKAGES`` brings (the packages and what they require, as installed here)
+    and their size on disk in bytes; None when one of them is not installed here (size unknown)."""
+    seen: Dict[str, Optional[importlib.metadata.Distribution]] = {}
+    todo = list(packages)
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            seen[key] = None
+            continue
+        seen[key] = dist
+        todo += _requirement_names(dist)
+    if any(d is None for d in seen.values()):
+        return sorted(seen), None
+    total = 0
+    for dist in seen.values():
+        for f in dist.files or []:
+            try:
+                total += os.stat(dist.locate_file(f)).st_size
+            except OSError:
+                continue
+    return sorted(seen), total
 
 
 def check_threads(threads: int) -> int:
@@ -147,6 +193,7 @@ class Engine:
         precisions: what it runs, a subset of ``PRECISIONS``.
         suffix: the artifact's file name ending.
         torch_free: whether ``load`` runs without torch.
+        load_packages: the pip distributions that run its file on a device (with ``PREDICTOR_PACKAGES``).
         node_profiler: the runtime's per-node profiler that ``profile_nodes`` reads ('' when it has none
             reachable from Python).
     """
@@ -160,10 +207,19 @@ class Engine:
     precisions: Tuple[str, ...] = ("fp32",)
     suffix = ""
     torch_free = False
+    load_packages: Tuple[str, ...] = ("torch",)
     node_profiler = ""
     # relative fp32 tolerance vs PyTorch (x max(1, max |logit|)); engines that reorder float sums more
     # freely than ONNX Runtime (Winograd, different GEMM blocking) get a looser one, stated in the docs
     tolerance = 1e-4
+
+    @classmethod
+    def device_needs(cls) -> Dict[str, Any]:
+        """What a device must install to run this engine's file with ``cpubone predict``: the packages, whether
+        torch is among them, and their installed size as measured in this environment (None if unknown)."""
+        names, size = install_footprint((*PREDICTOR_PACKAGES, *cls.load_packages))
+        return dict(packages=[*PREDICTOR_PACKAGES, *cls.load_packages], torch_free=cls.torch_free,
+                    installed_mb=round(size / 2 ** 20, 1) if size is not None else None, distributions=len(names))
 
     @classmethod
     def missing(cls, for_load: bool = False) -> List[str]:

@@ -45,6 +45,7 @@ class ExecuTorchEngine(Engine):
     extra = "executorch"
     modules = ("executorch", "torch")
     load_modules = ("executorch", "torch")
+    load_packages = ("executorch", "torch")
     precisions = ("fp32", "int8")
     suffix = ".pte"
 

@@ -25,6 +25,7 @@ class LiteRTEngine(Engine):
     load_extra = "litert"
     modules = ("ai_edge_litert", "litert_torch")
     load_modules = ("ai_edge_litert",)
+    load_packages = ("ai-edge-litert",)
     precisions = ("fp32", "int8")
     suffix = ".tflite"
     torch_free = True

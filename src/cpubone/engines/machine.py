@@ -154,13 +154,14 @@ def usable_threads(threads: int) -> int:
 
 @dataclass
 class GemmPeak:
-    """fp32 GEMM throughput of this machine: the MACpS ceiling for models measured the same way."""
+    """GEMM throughput of this machine in one precision: the MACpS ceiling for models of that precision."""
 
     engine: str
     method: str
     threads: int
     gmacps: float
     latency: LatencyResult
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,15 +185,53 @@ def _ort_matmul_file(path: Path, n: int) -> None:
     onnx.save(model, str(path))
 
 
-def gemm_runner(engine: str = "onnxruntime", threads: int = 1, n: int = GEMM_N) -> Tuple[Callable[[], object], str]:
-    """A zero-argument fp32 ``n x n x n`` matmul in ``engine`` and a line naming it.
+def _ort_int8_matmul_file(path: Path, n: int) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
-    ONNX Runtime: a one-node ``MatMul`` graph (weights as an initializer, like a conv's) in a session
+    w = numpy_helper.from_array(np.random.default_rng(0).integers(-127, 128, (n, n), dtype=np.int8), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["C"])], "gemm_peak_int8",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("C", TensorProto.INT32, [n, n])], initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = min(model.ir_version, 9)
+    onnx.save(model, str(path))
+
+
+# the precisions a GEMM peak is measured in, each in the runtime whose kernels its model rows use most
+GEMM_PRECISIONS = ("fp32", "int8", "bf16")
+
+
+def gemm_runner(engine: str = "onnxruntime", threads: int = 1, n: int = GEMM_N,
+                precision: str = "fp32") -> Tuple[Callable[[], object], str]:
+    """A zero-argument ``n x n x n`` matmul in ``engine`` and ``precision``, and a line naming it.
+
+    fp32 -- ONNX Runtime: a one-node ``MatMul`` graph (weights as an initializer, like a conv's) in a session
     with ``threads`` intra-op threads; eager: ``torch.matmul`` of two ``n x n`` tensors (call it inside
-    ``torch_threads(threads)``).
+    ``torch_threads(threads)``). int8: ONNX Runtime's ``MatMulInteger`` (uint8 x int8 -> int32, the
+    product its quantized convs run; MLAS uses VNNI / AMX / dot-product instructions where the CPU has
+    them), whatever ``engine`` is. bf16: ``torch.matmul`` in bfloat16 (oneDNN's AVX512-BF16 / AMX kernels).
     """
     import numpy as np
 
+    if precision == "int8":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "matmul_int8.onnx"
+            _ort_int8_matmul_file(path, n)
+            sess = ort_session(path, threads)
+        feed = {"A": np.random.default_rng(1).integers(0, 256, (n, n), dtype=np.uint8)}
+        return (lambda: sess.run(None, feed)), f"ONNX Runtime MatMulInteger {n}x{n}x{n} u8s8 int8"
+    if precision == "bf16":
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(n, n, generator=g).to(torch.bfloat16) for _ in range(2))
+        return (lambda: torch.matmul(a, b)), f"torch.matmul {n}x{n}x{n} bf16"
+    if precision != "fp32":
+        raise ValueError(f"precision={precision!r}: expected one of {', '.join(GEMM_PRECISIONS)}")
     if engine == "onnxruntime":
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "matmul.onnx"

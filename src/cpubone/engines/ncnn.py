@@ -67,6 +67,7 @@ class NcnnEngine(Engine):
     extra = "ncnn"
     modules = ("ncnn", "pnnx", "torch")
     load_modules = ("ncnn",)
+    load_packages = ("ncnn",)
     precisions = ("fp32",)
     suffix = ".ncnn.param"
     torch_free = True

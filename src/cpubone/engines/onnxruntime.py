@@ -96,6 +96,7 @@ class OnnxRuntimeEngine(Engine):
     extra = "deploy"
     modules = ("onnxruntime", "onnx", "onnxscript")
     load_modules = ("onnxruntime",)
+    load_packages = ("onnxruntime",)
     precisions = ("fp32", "int8")
     suffix = ".onnx"
     torch_free = True

@@ -35,6 +35,7 @@ class OpenVINOEngine(Engine):
     extra = "openvino"
     modules = ("openvino", "nncf")
     load_modules = ("openvino",)
+    load_packages = ("openvino",)
     precisions = ("fp32", "bf16", "int8")
     suffix = ".xml"
     torch_free = True

@@ -390,9 +390,17 @@ class CPUBone(nn.Module):
                     nn.init.zeros_(m.bias)
 
     # --- timm API -----------------------------------------------------------------------------
+    # TorchScript compiles properties; this one returns the mixed-type config dict, which it cannot type.
+    __jit_unused_properties__ = ["default_cfg"]
+
     @property
     def default_cfg(self) -> Dict[str, Any]:
+        """timm's older name of ``pretrained_cfg`` (the same dict)."""
         return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:  # timm's builder assigns both names
+        self.pretrained_cfg = cfg
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

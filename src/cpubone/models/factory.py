@@ -83,21 +83,71 @@ def is_cpubone(name: Union[str, os.PathLike, Mapping[str, Any]]) -> bool:
     return resolve_model_name(name).source in ("cpubone", "config")
 
 
-def pretrained_weights_file(name: str) -> str:
+def pretrained_weights_file(name: str, cache_dir: Union[None, str, os.PathLike] = None,
+                            hf_hub_id: Optional[str] = None, filename: Optional[str] = None) -> str:
     """Download (or find in the Hugging Face cache) timm's weights for variant ``name``.
 
-    Honours the usual huggingface_hub settings (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``).
+    Honours the usual huggingface_hub settings (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``);
+    ``cache_dir`` overrides the cache directory (timm's ``cache_dir`` argument). ``hf_hub_id`` and
+    ``filename`` override the variant's repository and file (a ``pretrained_cfg``'s ``hf_hub_id`` and
+    ``hf_hub_filename``).
     """
     from huggingface_hub import hf_hub_download
 
-    cfg = VARIANTS[name]
+    repo = hf_hub_id or VARIANTS[name].hf_hub_id
+    filename = filename or "model.safetensors"
     try:
-        return hf_hub_download(cfg.hf_hub_id, "model.safetensors")
+        return hf_hub_download(repo, filename, cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as e:
         raise CheckpointError(
-            f"{name}: could not get pretrained weights {cfg.hf_hub_id}/model.safetensors from the Hugging Face "
+            f"{name}: could not get pretrained weights {repo}/{filename} from the Hugging Face "
             f"Hub or its local cache ({type(e).__name__}: {e}). Pass a local file with pretrained=PATH."
         ) from e
+
+
+# feature_cls values timm's builder takes (timm.models.build_model_with_cfg), and the wrapper each means
+FEATURE_CLASSES = ("getter", "list", "dict", "hook", "fx")
+
+
+def _feature_class(feature_cls: Any) -> type:
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet, FeatureListNet
+    from timm.models._features_fx import FeatureGraphNet
+
+    classes = dict(getter=FeatureGetterNet, list=FeatureListNet, dict=FeatureDictNet, hook=FeatureHookNet,
+                   fx=FeatureGraphNet)
+    if feature_cls is None:
+        return FeatureGetterNet
+    if isinstance(feature_cls, str) and feature_cls.lower() in classes:
+        return classes[feature_cls.lower()]
+    if isinstance(feature_cls, type) and issubclass(feature_cls, tuple(classes.values())):
+        return feature_cls
+    raise ValueError(f"feature_cls={feature_cls!r}: expected one of {', '.join(FEATURE_CLASSES)} "
+                     f"(or a subclass of timm's feature wrappers)")
+
+
+def _user_pretrained_cfg(pretrained_cfg: Any, overlay: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The pretrained-config entries a caller set (timm's ``pretrained_cfg`` / ``pretrained_cfg_overlay``).
+
+    ``pretrained_cfg`` is a pretrained tag (str, recorded as ``tag``), a dict or a timm ``PretrainedCfg``
+    (its non-null fields); ``pretrained_cfg_overlay`` entries are applied last. Both update the variant's
+    own config rather than replace it, so ``first_conv``/``classifier`` stay valid unless set.
+    """
+    out: Dict[str, Any] = {}
+    if pretrained_cfg is None or pretrained_cfg == "" or pretrained_cfg == {}:
+        pass
+    elif isinstance(pretrained_cfg, str):
+        out["tag"] = pretrained_cfg
+    elif isinstance(pretrained_cfg, Mapping):
+        out.update(pretrained_cfg)
+    elif hasattr(pretrained_cfg, "to_dict"):  # timm.models.PretrainedCfg: its unset (None) fields keep ours
+        out.update({k: v for k, v in pretrained_cfg.to_dict().items() if v is not None})
+    else:
+        raise ValueError(f"pretrained_cfg={pretrained_cfg!r}: expected a tag (str), a dict or a timm PretrainedCfg")
+    if overlay is not None:
+        if not isinstance(overlay, Mapping):
+            raise ValueError(f"pretrained_cfg_overlay={overlay!r}: expected a dict")
+        out.update(overlay)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
 
 
 def create_model(
@@ -109,6 +159,10 @@ def create_model(
     drop_path_rate: Optional[float] = None,
     features_only: bool = False,
     out_indices: Union[None, int, Sequence[int]] = None,
+    feature_cls: Any = None,
+    pretrained_cfg: Any = None,
+    pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
+    cache_dir: Union[None, str, os.PathLike] = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name.
@@ -128,24 +182,52 @@ def create_model(
         features_only / out_indices: return a feature extractor giving the stage outputs
             (strides 4, 8, 16, 32 for indices 0-3). ``out_indices`` is a sequence of stage indices
             (negative ones count from the end) or, as in timm, an int ``n`` for the last ``n`` stages.
+        feature_cls: the feature wrapper, as timm's builder takes it: ``"getter"`` (the default, timm's
+            ``FeatureGetterNet`` over ``forward_intermediates``), ``"list"``, ``"dict"``, ``"hook"``,
+            ``"fx"``, or one of timm's feature classes.
+        pretrained_cfg / pretrained_cfg_overlay: timm's entry-point arguments: a pretrained tag (str),
+            a dict or a timm ``PretrainedCfg``, and entries that override it. They update the model's
+            ``pretrained_cfg``; its ``num_classes`` and ``input_size`` channels are the defaults of
+            ``num_classes`` / ``in_chans``, and with ``pretrained=True`` its ``file``, ``state_dict`` or
+            ``hf_hub_id`` (+ ``hf_hub_filename``) say where the weights come from.
+        cache_dir: Hugging Face cache directory for ``pretrained=True`` (timm's ``cache_dir``).
+        **kwargs: further ``CPUBone`` arguments (``global_pool``, ``proj_drop_rate``, ...); ``device``
+            and ``dtype`` move the built model.
 
     Raises ``ValueError`` (one line) for an unknown name and for impossible arguments, ``CheckpointError``
     for weights that cannot be read or do not fit.
     """
     resolved = resolve_model_name(name)
-    _check_counts(num_classes, in_chans)
     if out_indices is not None and not features_only:
         raise ValueError(f"out_indices={out_indices!r} is only used with features_only=True")
+    if feature_cls is not None and not features_only:
+        raise ValueError(f"feature_cls={feature_cls!r} is only used with features_only=True")
     if features_only:
         out_indices = _check_out_indices(out_indices)
     if resolved.source == "timm":
+        _check_counts(num_classes, in_chans)
+        for key, val in (("feature_cls", feature_cls), ("pretrained_cfg", pretrained_cfg),
+                         ("pretrained_cfg_overlay", pretrained_cfg_overlay), ("cache_dir", cache_dir)):
+            if val is not None:
+                kwargs[key] = val
         return _create_timm(resolved.name, pretrained, num_classes, in_chans, drop_rate, drop_path_rate,
                             features_only, out_indices, **kwargs)
+
+    wrapper = _feature_class(feature_cls) if features_only else None
+    user_cfg = _user_pretrained_cfg(pretrained_cfg, pretrained_cfg_overlay)
+    # as timm's builder: the pretrained config's class count and input channels are the defaults
+    if num_classes is None and isinstance(user_cfg.get("num_classes"), int) and user_cfg["num_classes"] >= 0:
+        num_classes = user_cfg["num_classes"]
+    if in_chans is None and user_cfg.get("input_size") is not None:
+        in_chans = user_cfg["input_size"][0]
+    _check_counts(num_classes, in_chans)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    weights_cfg = {k: user_cfg[k] for k in ("file", "state_dict", "hf_hub_id", "hf_hub_filename") if user_cfg.get(k)}
 
     variant = resolved.name
     if resolved.source == "config":
         design = resolved.config
-        if pretrained is True:
+        if pretrained is True and not weights_cfg:
             if not (isinstance(name, (str, os.PathLike)) and os.path.isdir(name)):
                 raise CheckpointError(f"{variant}: a design config has no published weights; "
                                       "pass pretrained=PATH to a checkpoint of it")
@@ -169,11 +251,15 @@ def create_model(
     model.pretrained_cfg = default_cfg(architecture=variant, hf_hub_id=hf_hub_id, input_size=tuple(input_size),
                                        pool_size=tuple(s // 32 for s in input_size[1:]))
     if pretrained:
-        if pretrained is True:
-            source: Union[str, os.PathLike] = pretrained_weights_file(variant)
+        if pretrained is not True:
+            sd = read_state_dict(pretrained)
+        elif "state_dict" in weights_cfg:
+            sd = dict(weights_cfg["state_dict"])
+        elif "file" in weights_cfg:
+            sd = read_state_dict(weights_cfg["file"])
         else:
-            source = pretrained
-        sd = read_state_dict(source)
+            sd = read_state_dict(pretrained_weights_file(
+                variant, cache_dir, weights_cfg.get("hf_hub_id"), weights_cfg.get("hf_hub_filename")))
         fc = sd.get("head.fc.weight", sd.get("head.classifier.linear.weight", sd.get("head.op_list.3.linear.weight")))
         if fc is not None and fc.shape[0] != model.num_classes:
             model.reset_classifier(fc.shape[0])
@@ -188,15 +274,37 @@ def create_model(
             model.pretrained_cfg.pop("label_names", None)  # a new classifier: the saved names no longer apply
         if want_chans != 3:
             _adapt_stem(model, want_chans)
+    # the caller's entries last (timm applies them over the registry's config); the weights are not kept
+    model.pretrained_cfg.update({k: v for k, v in user_cfg.items() if k != "state_dict"})
     model.pretrained_cfg["num_classes"] = model.num_classes
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
     if features_only:
-        from timm.models._features import FeatureGetterNet
-
-        stages = len(model.feature_info)
-        indices = stages if out_indices is None else out_indices
-        _check_stage_range(indices, stages, variant)
-        return FeatureGetterNet(model, out_indices=indices)
+        return _features(model, wrapper, out_indices, variant)
     return model
+
+
+def _features(model: CPUBone, wrapper: type, out_indices: Union[None, int, Tuple[int, ...]], name: str) -> nn.Module:
+    """``model`` in one of timm's feature wrappers, with the attributes timm's builder gives it."""
+    from timm.models._builder import pretrained_cfg_for_features
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet, feature_take_indices
+
+    stages = len(model.feature_info)
+    indices = stages if out_indices is None else out_indices
+    _check_stage_range(indices, stages, name)
+    cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    in_chans = model.in_chans
+    if issubclass(wrapper, FeatureGetterNet):
+        net = wrapper(model, out_indices=indices)
+    else:
+        # the wrappers that rebuild the model from its children find the stages one Sequential deep
+        take = tuple(feature_take_indices(stages, list(indices) if isinstance(indices, tuple) else indices)[0])
+        extra = dict(flatten_sequential=True) if issubclass(wrapper, (FeatureDictNet, FeatureHookNet)) else {}
+        net = wrapper(model, out_indices=take, **extra)
+    net.pretrained_cfg = cfg
+    net.default_cfg = cfg  # timm's older name, set by its builder too
+    net.in_chans = in_chans
+    return net
 
 
 def _check_counts(num_classes: Optional[int], in_chans: Optional[int]) -> None:

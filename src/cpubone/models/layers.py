@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = [
@@ -32,6 +32,8 @@ __all__ = [
     "densify_groups",
     "fold_groupnorm_affine",
     "shape_general",
+    "pad_to_stride",
+    "crop_to",
     "PAD_MODES",
 ]
 
@@ -89,6 +91,57 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     H, W = x.shape[-2:]
     m = multiple
     return F.pad(x, (0, (W + m - 1) // m * m - W, 0, (H + m - 1) // m * m - H))
+
+
+def _shape_general_trace() -> bool:
+    """Whether a trace under ``shape_general`` is being recorded (never inside TorchScript)."""
+    if torch.jit.is_scripting():
+        return False
+    return _SHAPE_GENERAL and torch.jit.is_tracing()
+
+
+# The shape-dependent steps of Lowtention (a pad only at sizes the stride does not divide, a crop back to
+# the input size) are functions, and these functions are leaves for torch.fx: a symbolic trace records a
+# call to them instead of branching on a symbolic size, so the traced graph takes the same branch as
+# eager at every input size. ``torch.fx.wrap`` makes them leaves for any FX tracer (torch.fx.symbolic_trace,
+# torchvision's create_feature_extractor); timm's registry does the same for timm's FX helpers.
+@register_notrace_function
+def pad_to_stride(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``x`` zero-padded right/bottom to a multiple of ``stride`` where the stride does not divide its size.
+
+    Always recorded (pads that evaluate to 0 at divisible sizes) in a trace under ``shape_general``.
+    """
+    H, W = x.shape[-2], x.shape[-1]
+    if stride > 1 and (_shape_general_trace() or H % stride != 0 or W % stride != 0):
+        x = pad_to_multiple(x, stride)
+    return x
+
+
+@register_notrace_function
+def crop_to(x: torch.Tensor, ref: torch.Tensor, always: bool = True) -> torch.Tensor:
+    """``x`` cropped (bottom/right) to the spatial size of ``ref``.
+
+    With ``always=False`` the crop is only applied where it changes the shape (or in a trace under
+    ``shape_general``), so a traced graph at a divisible size records no Slice.
+    """
+    H, W = ref.shape[-2], ref.shape[-1]
+    if always or _shape_general_trace() or x.shape[-2] != H or x.shape[-1] != W:
+        x = x[:, :, :H, :W]
+    return x
+
+
+@register_notrace_function
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, with the strided views made contiguous on CUDA (a leaf for torch.fx)."""
+    if q.is_cuda:
+        # CUDA's fused attention kernels need aligned strides, which these strided views lack
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+torch.fx.wrap("pad_to_stride")
+torch.fx.wrap("crop_to")
+torch.fx.wrap("attention")
 
 
 class ConvNormAct(nn.Module):
@@ -391,21 +444,17 @@ class Lowtention(nn.Module):
         self.out = nn.Conv2d(inner, dim, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
         s = self.stride
-        if s > 1 and (H % s or W % s):
-            # A strided 2x2 projection floors odd sizes and the upsample could not cover the input
-            # again (the original code crashes there); zero-pad right/bottom to a multiple instead.
-            x = pad_to_multiple(x, s)
+        inp = x
+        # A strided 2x2 projection floors odd sizes and the upsample could not cover the input again
+        # (the original code crashes there); zero-pad right/bottom to a multiple instead.
+        x = pad_to_stride(x, s)
         x = self.qkv(self.proj(x))
         B, _, h, w = x.shape
         # Channel layout per head: [q | k | v], head-major (matches the released checkpoints).
         qkv = x.reshape(B, self.num_heads, 3 * self.head_dim, h * w).transpose(-1, -2)
         q, k, v = qkv.chunk(3, dim=-1)
-        if q.is_cuda:
-            # CUDA's fused attention kernels need aligned strides, which these strided views lack
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = attention(q, k, v)
         # The 1x1 output conv applied as a Linear on (B, N, heads * d), then viewed back as NCHW: fed to
         # the conv, the reshaped attention output is a 4-D view saved for the backward pass, whose
         # symbolic strides torch.compile (inductor, torch 2.14) fails to order once sizes are dynamic
@@ -415,7 +464,7 @@ class Lowtention(nn.Module):
         o = o.transpose(1, 2).reshape(B, -1, h, w)
         if s > 1:
             o = F.interpolate(o, scale_factor=float(s), mode="nearest")
-            o = o[..., :H, :W]
+            o = crop_to(o, inp)
         return o
 
     @torch.no_grad()
@@ -447,11 +496,7 @@ class LowtentionInference(nn.Module):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """Projection, qkv and attention: the heads' output at the projected resolution, before ``out``."""
-        H, W = x.shape[-2:]
-        s = self.stride
-        if s > 1 and ((_SHAPE_GENERAL and torch.jit.is_tracing()) or H % s or W % s):
-            x = pad_to_multiple(x, s)
-        x = self.qkv(self.proj(x))
+        x = self.qkv(self.proj(pad_to_stride(x, self.stride)))
         B, _, h, w = x.shape
         d = self.head_dim
         qkv = x.reshape(B, self.num_heads, 3 * d, h * w)
@@ -460,12 +505,9 @@ class LowtentionInference(nn.Module):
         return torch.matmul(v, a.transpose(-1, -2)).reshape(B, self.num_heads * d, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
         s = self.stride
-        general = _SHAPE_GENERAL and torch.jit.is_tracing()
         o = self.out(self.attend(x))
         if s > 1:
             o = F.interpolate(o, scale_factor=float(s), mode="nearest")
-            if general or o.shape[-2] != H or o.shape[-1] != W:
-                o = o[:, :, :H, :W]
+            o = crop_to(o, x, always=False)
         return o

@@ -1,5 +1,5 @@
-"""Training and evaluation: one engine (DDP, AMP, EMA, checkpoints that survive a kill) and the classification
-task with the authors' release recipe, the paper's summary and small-data presets."""
+"""Training and evaluation: one training loop (DDP, AMP, EMA, checkpoints that survive a kill) and the
+classification task with the authors' release recipe, the paper's summary and small-data presets."""
 from .classification import TrainConfig, evaluate_checkpoint, resolved_config, train
 from .data import SafeImageFolder, write_digits_imagefolder
 from .loop import TrainingDiverged, load_training_state

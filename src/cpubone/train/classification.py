@@ -1,6 +1,6 @@
-"""Image classification on an ImageFolder: the task the engine trains, ``train``, and ``evaluate_checkpoint``.
+"""Image classification on an ImageFolder: the task the training loop trains, ``train``, and ``evaluate_checkpoint``.
 
-``train(TrainConfig)`` runs a whole job on ``engine.run``. The task is assembled from timm (transforms,
+``train(TrainConfig)`` runs a whole job on ``loop.run``. The task is assembled from timm (transforms,
 RandAugment/AutoAugment, random erasing, Mixup/CutMix, AdamW without decay on norms and biases, cosine
 schedule with warm-up, EMA, BCE / soft-target losses) and ``release.py`` (scheduled DropPath, random
 resolution, BatchNorm re-estimation, Mesa) for what timm lacks.
@@ -14,9 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import timm
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import (
+    BinaryCrossEntropy,
+    LabelSmoothingCrossEntropy,
+    SoftTargetCrossEntropy,
+)
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 
+from ..models.checkpoints import save_pretrained
 from ..models.factory import create_model, is_cpubone, resolve_model_name
 from .data import (
     ResumableSampler,
@@ -138,8 +148,6 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     drop_path = 0.0 if r.drop_path_scheduled else r.drop_path  # the scheduled rule puts its own DropPaths in
     try:
         if not is_cpubone(cfg.model) and isinstance(pretrained, str):
-            import timm
-
             # timm's pretrained loader drops a classifier whose class count differs (head reset)
             return timm.create_model(resolve_model_name(cfg.model).name, pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)),
                                      num_classes=num_classes, drop_rate=r.drop, drop_path_rate=drop_path, **kwargs)
@@ -217,15 +225,6 @@ class ClassificationTask(Task):
         self.drop_paths: List[nn.Module] = []
 
     def setup(self, d: Dist, log) -> None:
-        from timm.data import Mixup
-        from timm.loss import (
-            BinaryCrossEntropy,
-            LabelSmoothingCrossEntropy,
-            SoftTargetCrossEntropy,
-        )
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
         cfg, r = self.cfg, self.cfg.recipe
         self.d = d
         if cfg.deterministic:
@@ -424,8 +423,6 @@ class ClassificationTask(Task):
 
     def export_best(self, model: nn.Module, out: Path, info: Dict[str, Any]) -> None:
         """The best weights as ``best_model/`` (safetensors + config) for ``create_model(pretrained=...)``."""
-        from ..models.checkpoints import save_pretrained
-
         r = self.cfg.recipe
         pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
         pcfg.update(input_size=(3, r.img_size, r.img_size), num_classes=getattr(model, "num_classes", None),

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
@@ -202,10 +205,6 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        import random
-
-        import numpy as np
-
         s = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**62
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
@@ -226,8 +225,6 @@ def build_transforms(model: torch.nn.Module, img_size: int, recipe: Any, is_trai
     ``recipe`` supplies the augmentation (``auto_augment``, ``scale``, ``hflip``, ``color_jitter``,
     ``re_prob``, ``no_aug``); the eval transform is the model's: resize to size / crop_pct, centre crop.
     """
-    from timm.data import create_transform, resolve_data_config
-
     args: Dict[str, Any] = {"input_size": (3, img_size, img_size)}
     if crop_pct is not None:
         args["crop_pct"] = crop_pct
@@ -260,7 +257,7 @@ def write_digits_imagefolder(root: PathLike, size: int = 32, val_fraction: float
     ``root/train/<digit>/`` and ``root/val/<digit>/``; the split is stratified and fixed by ``seed``.
     Returns ``root``.
     """
-    import numpy as np
+    # optional: scikit-learn (pip install 'cpubone[train]')
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -40,6 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from tqdm import tqdm
+
+from ..models.checkpoints import CheckpointError, atomic_torch_save
 
 __all__ = [
     "Task",
@@ -182,8 +186,6 @@ def isolated_rng(seed: int) -> Iterator[None]:
 def save_training_state(state: Dict[str, Any], path: os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a kill at any
     moment leaves either the old or the new file, never a torn one."""
-    from ..models.checkpoints import atomic_torch_save
-
     atomic_torch_save(state, path)
 
 
@@ -201,8 +203,6 @@ def resolve_checkpoint(path: os.PathLike) -> Path:
 
 def load_training_state(path: os.PathLike) -> Dict[str, Any]:
     """Read a training checkpoint (or a run folder's ``last.pt``) without executing pickled code."""
-    from ..models.checkpoints import CheckpointError
-
     path = resolve_checkpoint(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -221,11 +221,11 @@ def _all_finite(model: nn.Module) -> bool:
 
 # --- the task interface --------------------------------------------------------------------------
 class Task:
-    """What a task gives the engine. ``setup`` must set the attributes below; the methods are called by ``run``.
+    """What a task gives the loop. ``setup`` must set the attributes below; the methods are called by ``run``.
 
     A micro-batch is whatever ``batches`` yields; ``batches`` yields ``(batch, skipped)`` pairs, ``batch`` None
     when every sample of it was unreadable. ``batches`` must create its data iterator before returning (the
-    engine restores RNG streams right after) and depend only on (seed, epoch, start_step).
+    loop restores RNG streams right after) and depend only on (seed, epoch, start_step).
     """
 
     name = "task"
@@ -332,8 +332,6 @@ class _Log:
         if self.fn is not None:
             self.fn(msg)
         else:
-            from tqdm import tqdm
-
             tqdm.write(msg, file=sys.stdout)
             sys.stdout.flush()
         with open(self.path, "a") as f:
@@ -361,7 +359,7 @@ def _write_history(history: List[Dict[str, Any]], out: Path) -> None:
 def plot_curves(history: List[Dict[str, Any]], path: os.PathLike, title: str = "", x_key: str = "epoch",
                 metric_keys: Tuple[str, ...] = ("val_top1", "ema_top1")) -> Path:
     """PNG of the train (and val) loss and the given metrics over ``x_key``."""
-    import matplotlib
+    import matplotlib  # optional: pip install 'cpubone[train]'
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -409,8 +407,6 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.ema = None
         if task.ema_decay > 0:
-            from timm.utils import ModelEmaV3
-
             self.ema = ModelEmaV3(task.model, decay=task.ema_decay, use_warmup=task.ema_warmup)
         self.trainable = [p for p in task.model.parameters() if p.requires_grad]
         self.state = EngineState()
@@ -489,8 +485,6 @@ class _Run:
     def optimizer_step(self) -> None:
         t = self.task
         if t.clip_grad:
-            from timm.utils import dispatch_clip_grad
-
             if self.scaler is not None:
                 self.scaler.unscale_(t.optimizer)
             dispatch_clip_grad(self.trainable, t.clip_grad)
@@ -508,8 +502,6 @@ class _Run:
 
     def train_epoch(self, epoch: int, batches: Iterator[Tuple[Any, int]]) -> int:
         """Optimizer steps of one epoch from ``state.step_in_epoch`` on; returns the samples seen now."""
-        from tqdm import tqdm
-
         t, st = self.task, self.state
         steps = t.steps_in_epoch(epoch)
         seen_now = 0
@@ -633,6 +625,7 @@ def _run(task: Task, out: Path, resume: Optional[Dict[str, Any]], resume_path: s
         for line in task.describe(d):
             log(line)
     if d.main and task.tensorboard:
+        # optional: the tensorboard package (pip install 'cpubone[train]')
         from torch.utils.tensorboard import SummaryWriter
 
         r.writer = SummaryWriter(str(out / "tensorboard"), purge_step=r.state.global_step or None)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch.utils.data import Sampler
 
 __all__ = ["residual_slots", "apply_scheduled_drop_path", "set_drop_path_progress", "RandomResolutionBatchSampler",
@@ -43,8 +44,6 @@ def residual_slots(model: nn.Module) -> List[Tuple[nn.Module, str]]:
 def apply_scheduled_drop_path(model: nn.Module, rate: float, skip: int = 0, linear: bool = True) -> List[nn.Module]:
     """Put a timm ``DropPath`` into every residual slot after the first ``skip``; returns them, each with its
     full rate in ``base_rate`` (block i of n: rate x (i+1)/n when ``linear``). Rates start at 0 (progress 0)."""
-    from timm.layers import DropPath
-
     slots = residual_slots(model)[skip:]
     n = len(slots)
     mods = []
