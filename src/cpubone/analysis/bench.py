@@ -32,6 +32,7 @@ from ..engines.eager import torch_threads
 from ..engines.machine import (
     GEMM_ENGINES,
     GEMM_N,
+    GEMM_PRECISIONS,
     GemmPeak,
     MachineInfo,
     gemm_runner,
